@@ -1,0 +1,22 @@
+"""The ControlNet network, host-independent (Zhang, Rao, Agrawala, ICCV 2023).
+
+Read in this order: config.py (architectures as data), blocks.py and layout.py (the LDM U-Net parts),
+network.py (the ControlNet), unet.py (the locked base), residuals.py (where residuals enter a U-Net and how
+they are scaled), from_unet.py (a fresh ControlNet from a U-Net), hint.py (fitting the control image),
+checkpoint.py (reading and writing files).
+"""
+from .config import PRESETS, ControlNetConfig, PredictionType, check_compatible, preset
+from .from_unet import init_from_unet
+from .hint import HintFit, fit_hint, image_to_hint
+from .network import ControlNet, ControlNetOutput
+from .residuals import (ControlMode, ControlSettings, ControlUnit, compute_residuals, ldm_unet_forward, output_scales,
+                        residuals_injected, run_control)
+from .schedule import StrengthSchedule
+from .unet import UNetModel
+
+__all__ = [
+    "PRESETS", "ControlNetConfig", "PredictionType", "check_compatible", "preset", "init_from_unet", "HintFit",
+    "fit_hint", "image_to_hint", "ControlNet", "ControlNetOutput", "ControlMode", "ControlSettings", "ControlUnit",
+    "compute_residuals", "ldm_unet_forward", "output_scales", "residuals_injected", "run_control",
+    "StrengthSchedule", "UNetModel",
+]

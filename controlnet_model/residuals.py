@@ -1,0 +1,250 @@
+"""Where ControlNet residuals enter a U-Net, and how strength, step range, mask and mode scale them.
+
+This is the one module that knows it (Zhang et al. 2023, Eq. 4 and §3.4-3.5):
+  * skip residual i is added to the skip tensor of input block i before the decoder concatenates it;
+  * the middle residual is added to the output of the middle block;
+  * several ControlNets are composed by adding their (scaled) residuals.
+`ldm_unet_forward` walks an LDM-layout U-Net with that rule; `compute_residuals` runs the ControlNets and
+scales their outputs; `residuals_injected` gives a U-Net whose forward has no seam for residuals one, for the
+duration of a `with` block.
+"""
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass, field
+from enum import Enum
+from typing import Any, Iterator, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .blocks import timestep_embedding
+from .config import ControlNetConfig, check_compatible
+from .network import ControlNet, ControlNetOutput
+from .schedule import StrengthSchedule
+
+
+# ---- walking the U-Net ---------------------------------------------------------------------------------
+def as_residuals(control: Any) -> ControlNetOutput | None:
+    """Accept our ControlNetOutput or a host-style dict {'output': [per input block], 'middle': [one]}."""
+    if control is None or isinstance(control, ControlNetOutput):
+        return control
+    if isinstance(control, dict):
+        skips, middle = list(control.get("output") or []), list(control.get("middle") or [])
+        if not skips and not middle:
+            return None
+        if len(middle) != 1:
+            raise ValueError(f"control dict needs exactly one 'middle' residual, got {len(middle)}")
+        return ControlNetOutput(tuple(skips), middle[0])
+    raise TypeError(f"control must be a ControlNetOutput or a dict of residual lists, got {type(control).__name__}")
+
+
+def _add(target: torch.Tensor, residual: torch.Tensor | None, where: str) -> torch.Tensor:
+    if residual is None:
+        return target
+    if residual.shape[1:] != target.shape[1:] or residual.shape[0] not in (1, target.shape[0]):
+        raise ValueError(f"ControlNet residual for {where} has shape {tuple(residual.shape)} but the U-Net's "
+                         f"tensor there is {tuple(target.shape)}: the ControlNet was made for another model family "
+                         "or the control image does not match the latent size")
+    return target + residual.to(target.dtype)
+
+
+def ldm_unet_forward(unet: nn.Module, x: torch.Tensor, timesteps: torch.Tensor, context: torch.Tensor | None,
+                     y: torch.Tensor | None = None, residuals: ControlNetOutput | None = None) -> torch.Tensor:
+    """Forward of an LDM-layout U-Net (input_blocks, middle_block, output_blocks, out) with residuals added."""
+    if residuals is not None and len(residuals.down) != len(unet.input_blocks):
+        family = getattr(getattr(unet, "config", None), "family", "this model")
+        raise ValueError(f"the ControlNet gives {len(residuals.down)} skip residuals but {family} has "
+                         f"{len(unet.input_blocks)} skip connections: the ControlNet belongs to another model family")
+    dtype = unet.input_blocks[0][0].weight.dtype
+    emb = unet.time_embed(timestep_embedding(timesteps, unet.model_channels).to(dtype))
+    if hasattr(unet, "label_emb"):
+        if y is None:
+            raise ValueError("this U-Net has a label embedding (SDXL ADM) and needs y")
+        emb = emb + unet.label_emb(y.to(dtype))
+    h, context = x.to(dtype), None if context is None else context.to(dtype)
+    skips = []
+    for block in unet.input_blocks:
+        h = block(h, emb, context)
+        skips.append(h)
+    h = unet.middle_block(h, emb, context)
+    if residuals is not None:
+        h = _add(h, residuals.mid, "the middle block")
+    for block in unet.output_blocks:
+        skip = skips.pop()
+        if residuals is not None:
+            skip = _add(skip, residuals.down[len(skips)], f"skip connection {len(skips)}")
+        h = block(torch.cat([h, skip], dim=1), emb, context)
+    return unet.out(h).to(x.dtype)
+
+
+@contextlib.contextmanager
+def residuals_injected(unet: nn.Module, residuals: ControlNetOutput | None) -> Iterator[nn.Module]:
+    """For a U-Net whose forward takes no residuals: route its forward through ldm_unet_forward, then restore."""
+    had_own = "forward" in vars(unet)
+    original = vars(unet).get("forward")
+
+    def forward(x: torch.Tensor, timesteps: torch.Tensor | None = None, context: torch.Tensor | None = None,
+                y: torch.Tensor | None = None, **_: Any) -> torch.Tensor:
+        return ldm_unet_forward(unet, x, timesteps, context, y, residuals)
+
+    unet.forward = forward
+    try:
+        yield unet
+    finally:
+        if had_own:
+            unet.forward = original
+        else:
+            del unet.forward
+
+
+# ---- control modes (data) ------------------------------------------------------------------------------
+class ControlMode(str, Enum):
+    BALANCED = "balanced"
+    PROMPT_MORE_IMPORTANT = "prompt_more_important"
+    CONTROLNET_MORE_IMPORTANT = "controlnet_more_important"
+    CFG_RESOLUTION_WEIGHTING = "cfg_resolution_weighting"
+
+
+class OutputScaling(str, Enum):
+    CONSTANT = "constant"  # every residual x strength
+    SOFT = "soft"  # residual i of N+1 x base^(N - i): deeper blocks weigh more (A1111 soft injection, guess mode)
+    RESOLUTION = "resolution"  # residual x (latent height / residual height): the paper's CFG-RW, w_i = 64 / h_i
+
+
+@dataclass(frozen=True)
+class ModeRule:
+    scaling: OutputScaling
+    cond_only: bool  # the unconditional rows of a CFG batch get no control
+
+
+MODE_RULES: dict[ControlMode, ModeRule] = {
+    ControlMode.BALANCED: ModeRule(OutputScaling.CONSTANT, cond_only=False),
+    ControlMode.PROMPT_MORE_IMPORTANT: ModeRule(OutputScaling.SOFT, cond_only=False),
+    ControlMode.CONTROLNET_MORE_IMPORTANT: ModeRule(OutputScaling.SOFT, cond_only=True),
+    ControlMode.CFG_RESOLUTION_WEIGHTING: ModeRule(OutputScaling.RESOLUTION, cond_only=True),
+}
+# 0.825 as in the original guess mode and A1111; recomputed for the number of outputs (SDXL: 0.825^9 .. 1.0).
+SOFT_INJECTION_BASE = 0.825
+
+
+def output_scales(mode: ControlMode, heights: Sequence[int]) -> list[float]:
+    """Per-residual multipliers for a mode; `heights` are the residual heights, skips first, middle last."""
+    scaling = MODE_RULES[ControlMode(mode)].scaling
+    n = len(heights)
+    if scaling is OutputScaling.CONSTANT:
+        return [1.0] * n
+    if scaling is OutputScaling.SOFT:
+        return [SOFT_INJECTION_BASE ** (n - 1 - i) for i in range(n)]
+    return [heights[0] / h for h in heights]
+
+
+# ---- one control, and several --------------------------------------------------------------------------
+@dataclass(frozen=True)
+class ControlSettings:
+    """How one ControlNet is applied: the apply node's inputs."""
+
+    strength: float = 1.0
+    start_percent: float = 0.0  # fraction of sampling (0 = first, noisiest step) where the control starts
+    end_percent: float = 1.0
+    mode: ControlMode = ControlMode.BALANCED
+    mask: torch.Tensor | None = field(default=None, compare=False)  # (1 or B, H, W) in 0..1, any resolution
+    schedule: StrengthSchedule | None = None  # strength multiplier over sampling progress
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.start_percent <= self.end_percent <= 1.0:
+            raise ValueError(f"need 0 <= start_percent <= end_percent <= 1, got start {self.start_percent} "
+                             f"and end {self.end_percent}; swap them if they are in the wrong order")
+        object.__setattr__(self, "mode", ControlMode(self.mode))
+        if self.mask is not None:
+            mask = self.mask[None] if self.mask.ndim == 2 else self.mask
+            if mask.ndim == 4 and mask.shape[1] == 1:
+                mask = mask[:, 0]
+            if mask.ndim != 3:
+                raise ValueError(f"mask must be (H, W), (B, H, W) or (B, 1, H, W), got shape {tuple(self.mask.shape)}")
+            object.__setattr__(self, "mask", mask)
+
+    def strength_at(self, percent: float) -> float:
+        """Effective strength at a point of sampling; 0 outside the step range."""
+        if not self.start_percent <= percent <= self.end_percent:
+            return 0.0
+        return self.strength * (self.schedule(percent) if self.schedule is not None else 1.0)
+
+
+@dataclass(frozen=True)
+class ControlUnit:
+    """A ControlNet with its condition image and settings, ready to run at each sampling step."""
+
+    controlnet: ControlNet
+    hint: torch.Tensor  # (1 or B, C, 8h, 8w) in [0, 1]
+    settings: ControlSettings = ControlSettings()
+
+
+def _rows(t: torch.Tensor | None, rows: torch.Tensor | None) -> torch.Tensor | None:
+    if t is None or rows is None or t.shape[0] == 1:
+        return t
+    return t[rows]
+
+
+def _resize_mask(mask: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    return F.interpolate(mask[:, None].float(), size=size, mode="bilinear", align_corners=False)  # (B, 1, h, w)
+
+
+def scale_output(out: ControlNetOutput, mode: ControlMode, strength: float, mask: torch.Tensor | None = None,
+                 global_average_pooling: bool = False) -> ControlNetOutput:
+    """Apply strength, the mode's per-output scales, global pooling (shuffle) and the spatial mask."""
+    scales = output_scales(mode, [r.shape[-2] for r in out.all])
+
+    def scale(i: int, r: torch.Tensor) -> torch.Tensor:
+        if global_average_pooling:
+            r = r.mean(dim=(2, 3), keepdim=True).expand_as(r)
+        r = r * (strength * scales[i])
+        if mask is not None:
+            r = r * _resize_mask(mask, r.shape[-2:]).to(r)
+        return r
+
+    return out.map(scale)
+
+
+def run_control(unit: ControlUnit, x: torch.Tensor, timesteps: torch.Tensor, context: torch.Tensor,
+                y: torch.Tensor | None, percent: float, cond_rows: torch.Tensor | None = None) -> ControlNetOutput | None:
+    """Residuals of one ControlNet at one step, or None when it has no effect (its forward is skipped).
+
+    cond_rows: (B,) bool, True for the conditional rows of a CFG batch; None means every row is conditional.
+    """
+    settings, cfg = unit.settings, unit.controlnet.config
+    strength = settings.strength_at(percent)
+    if strength == 0.0:
+        return None
+    rows = cond_rows if (MODE_RULES[settings.mode].cond_only or cfg.global_average_pooling) else None
+    if rows is not None and rows.all():
+        rows = None
+    if rows is not None and not rows.any():
+        return None
+    out = unit.controlnet(_rows(x, rows), _rows(unit.hint, rows), _rows(timesteps, rows), _rows(context, rows),
+                          _rows(y, rows))
+    out = scale_output(out, settings.mode, strength, _rows(settings.mask, rows), cfg.global_average_pooling)
+    if rows is None:
+        return out
+
+    def scatter(_: int, r: torch.Tensor) -> torch.Tensor:
+        full = r.new_zeros((x.shape[0], *r.shape[1:]))
+        full[rows] = r
+        return full
+
+    return out.map(scatter)
+
+
+def compute_residuals(units: Sequence[ControlUnit], x: torch.Tensor, timesteps: torch.Tensor, context: torch.Tensor,
+                      y: torch.Tensor | None = None, percent: float = 0.0, cond_rows: torch.Tensor | None = None,
+                      unet_config: ControlNetConfig | None = None) -> ControlNetOutput | None:
+    """Sum of the residuals of several ControlNets at one step (paper §3: composition by addition)."""
+    total: ControlNetOutput | None = None
+    for unit in units:
+        if unet_config is not None:
+            check_compatible(unit.controlnet.config, unet_config)
+        out = run_control(unit, x, timesteps, context, y, percent, cond_rows)
+        if out is not None:
+            total = out if total is None else total + out
+    return total

@@ -9,7 +9,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from .blocks import TimestepEmbedSequential, timestep_embedding, zero_module
-from .config import ControlNetConfig
+from .config import FAMILY_BY_CONTEXT_DIM, ControlNetConfig, describe
 from .layout import build_input_blocks, build_label_emb, build_middle_block, build_time_embed
 
 
@@ -79,16 +79,36 @@ class ControlNet(nn.Module):
             emb = emb + self.label_emb(y.to(dtype))
         return emb
 
-    def forward(self, x: torch.Tensor, hint: torch.Tensor, timesteps: torch.Tensor, context: torch.Tensor,
-                y: torch.Tensor | None = None) -> ControlNetOutput:
-        """x (B, C, h, w) noisy latent; hint (B, 3, 8h, 8w) in [0, 1]; timesteps (B,) 0..999; context (B, T, D)."""
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.input_blocks[0][0].weight.dtype
+
+    def encode_hint(self, hint: torch.Tensor) -> torch.Tensor:
+        """(B, hint_channels, 8h, 8w) in [0, 1] -> (B, model_channels, h, w); independent of t, so cacheable."""
+        if hint.ndim != 4 or hint.shape[1] != self.config.hint_channels:
+            raise ValueError(f"hint must be (B, {self.config.hint_channels}, H, W), got {tuple(hint.shape)}")
+        return self.input_hint_block(hint.to(self.dtype), None, None)
+
+    def forward(self, x: torch.Tensor, hint: torch.Tensor | None, timesteps: torch.Tensor, context: torch.Tensor,
+                y: torch.Tensor | None = None, guided_hint: torch.Tensor | None = None) -> ControlNetOutput:
+        """x (B, C, h, w) noisy latent; hint (B, 3, 8h, 8w) in [0, 1] or its cached encode_hint(); timesteps (B,)
+        0..999; context (B, T, D); y (B, adm) for SDXL-shaped models."""
         cfg = self.config
-        if hint.shape[-2:] != (x.shape[-2] * 8, x.shape[-1] * 8):
-            raise ValueError(f"hint is {tuple(hint.shape[-2:])} but must be 8x the latent {tuple(x.shape[-2:])}; "
-                             "resize the control image to the generation size")
-        dtype = self.input_blocks[0][0].weight.dtype
+        if context.shape[-1] != cfg.context_dim:
+            other = FAMILY_BY_CONTEXT_DIM.get(context.shape[-1], f"a model with context width {context.shape[-1]}")
+            raise ValueError(f"this ControlNet is {describe(cfg)} but the text context comes from {other}; "
+                             f"use a ControlNet made for that model")
+        if guided_hint is None:
+            if hint is None:
+                raise ValueError("give the hint image or its encode_hint()")
+            if hint.shape[-2:] != (x.shape[-2] * 8, x.shape[-1] * 8):
+                raise ValueError(f"hint is {tuple(hint.shape[-2:])} but must be 8x the latent {tuple(x.shape[-2:])}; "
+                                 "resize the control image to the generation size")
+            guided_hint = self.encode_hint(hint)  # (B, model_channels, h, w)
+        elif guided_hint.shape[-2:] != x.shape[-2:]:
+            raise ValueError(f"encoded hint is {tuple(guided_hint.shape[-2:])}, latent is {tuple(x.shape[-2:])}")
+        dtype = self.dtype
         emb = self.embed_time(timesteps, y, dtype)
-        guided_hint = self.input_hint_block(hint.to(dtype), emb, context)  # (B, model_channels, h, w)
         h = x.to(dtype)
         context = context.to(dtype)
         outs = []

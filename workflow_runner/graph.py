@@ -239,7 +239,7 @@ def _check_constant(name: str, spec: tuple, value: Any, skip_builtin: bool) -> t
     if isinstance(value, dict) and "__value__" in value:
         value = value["__value__"]
     kind = spec_type(spec)
-    if kind in WIDGET_COERCE:
+    if isinstance(kind, str) and kind in WIDGET_COERCE:
         try:
             value = WIDGET_COERCE[kind](value)
         except (TypeError, ValueError):
@@ -321,6 +321,18 @@ def _check_link(name: str, spec: tuple, value: list, prompt: Prompt, registry: R
     return None, _validate_node(source, prompt, registry, state)
 
 
+def _upstream(prompt: Prompt, node_id: str) -> set[str]:
+    """A node and every node it links from (cycles tolerated)."""
+    seen, todo = set(), [node_id]
+    while todo:
+        current = todo.pop()
+        if current in seen or current not in prompt:
+            continue
+        seen.add(current)
+        todo += [str(v[0]) for v in prompt[current].get("inputs", {}).values() if isinstance(v, list) and v]
+    return seen
+
+
 def output_nodes(prompt: Prompt, registry: Registry) -> list[str]:
     return [i for i, n in prompt.items() if getattr(registry[n["class_type"]], "OUTPUT_NODE", False)]
 
@@ -337,7 +349,7 @@ def validate_prompt(prompt: Prompt, registry: Registry) -> list[str]:
     state: dict[str, list[dict]] = {}
     for node_id in outputs:
         _validate_node(node_id, prompt, registry, state)
-    upstream = {o: set(execution_order(prompt, [o])) for o in outputs}
+    upstream = {o: _upstream(prompt, o) for o in outputs}
     node_errors = {nid: {"errors": errs, "class_type": prompt[nid]["class_type"],
                          "dependent_outputs": [o for o in outputs if nid in upstream[o]]}
                    for nid, errs in state.items() if errs}

@@ -1,0 +1,146 @@
+"""A UI-format workflow runs end to end on a tiny base: files in, PNG out, ControlNet applied, CLI and errors."""
+from __future__ import annotations
+
+import argparse
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from zeroconv.workflow_runner import core_nodes, default_registry, run_workflow
+from zeroconv.workflow_runner.cli import register_cli
+from zeroconv.workflow_runner.files import HostPaths
+from zeroconv.workflow_runner.graph import NodeExecutionError, PromptValidationError
+
+from .test_runner_support import ToyApplyNode, ToyBase, ToyControl, toy_controlnet
+
+
+def _node(node_id, node_type, widgets, inputs=()):
+    return {"id": node_id, "type": node_type, "pos": [0, 0], "size": [200, 100], "flags": {}, "order": node_id,
+            "mode": 0, "inputs": [{"name": n, "type": t, "link": link} for n, t, link in inputs], "outputs": [],
+            "properties": {"Node name for S&R": node_type}, "widgets_values": widgets}
+
+
+def _workflow(with_control: bool) -> dict:
+    sampler_inputs = [("model", "MODEL", 1), ("positive", "CONDITIONING", 4 if not with_control else 20),
+                      ("negative", "CONDITIONING", 5 if not with_control else 21), ("latent_image", "LATENT", 6)]
+    nodes = [_node(1, "CheckpointLoaderSimple", ["toy.safetensors"]),
+             _node(2, "CLIPTextEncode", ["a white square"], [("clip", "CLIP", 2)]),
+             _node(3, "CLIPTextEncode", [""], [("clip", "CLIP", 3)]),
+             _node(7, "EmptyLatentImage", [64, 64, 1]),
+             _node(8, "KSampler", [42, "fixed", 3, 6.0, "euler", "normal", 1.0], sampler_inputs),
+             _node(9, "VAEDecode", [], [("samples", "LATENT", 7), ("vae", "VAE", 8)]),
+             _node(10, "SaveImage", ["toy"], [("images", "IMAGE", 9)])]
+    links = [[1, 1, 0, 8, 0, "MODEL"], [2, 1, 1, 2, 0, "CLIP"], [3, 1, 1, 3, 0, "CLIP"],
+             [4, 2, 0, 8, 1, "CONDITIONING"], [5, 3, 0, 8, 2, "CONDITIONING"], [6, 7, 0, 8, 3, "LATENT"],
+             [7, 8, 0, 9, 0, "LATENT"], [8, 1, 2, 9, 1, "VAE"], [9, 9, 0, 10, 0, "IMAGE"]]
+    if with_control:
+        nodes += [_node(11, "LoadImage", ["outline.png", "image"]),
+                  _node(12, "ToyApplyNode", [1.0, 0.0, 1.0], [("positive", "CONDITIONING", 4),
+                                                              ("negative", "CONDITIONING", 5), ("image", "IMAGE", 10)])]
+        links += [[10, 11, 0, 12, 2, "IMAGE"], [20, 12, 0, 8, 1, "CONDITIONING"], [21, 12, 1, 8, 2, "CONDITIONING"]]
+        links = [l for l in links if not (l[3] == 8 and l[0] in (4, 5))]
+        links += [[4, 2, 0, 12, 0, "CONDITIONING"], [5, 3, 0, 12, 1, "CONDITIONING"]]
+    return {"last_node_id": 12, "last_link_id": 21, "nodes": nodes, "links": links, "groups": [], "config": {},
+            "extra": {}, "version": 0.4}
+
+
+@pytest.fixture
+def world(tmp_path, monkeypatch):
+    """Folders with a dummy checkpoint and an outline image; the checkpoint loads as a ToyBase."""
+    base = ToyBase()
+    monkeypatch.setattr(core_nodes, "load_base", lambda path, device="cpu": base.to(device))
+    (tmp_path / "models" / "checkpoints").mkdir(parents=True)
+    (tmp_path / "models" / "checkpoints" / "toy.safetensors").write_bytes(b"not read")
+    (tmp_path / "input").mkdir()
+    outline = np.zeros((64, 64, 3), dtype=np.uint8)
+    outline[16:48, 16:48] = 255
+    Image.fromarray(outline).save(tmp_path / "input" / "outline.png")
+    paths = HostPaths(models_dirs=(tmp_path / "models",), input_dir=tmp_path / "input",
+                      output_dir=tmp_path / "out", base_dir=tmp_path)
+    return base, paths, tmp_path
+
+
+def _write(tmp_path, workflow, name="wf.json"):
+    path = tmp_path / name
+    path.write_text(json.dumps(workflow))
+    return path
+
+
+def test_ui_workflow_runs_and_saves_png_with_prompt_and_workflow(world) -> None:
+    base, paths, tmp_path = world
+    path = _write(tmp_path, _workflow(with_control=False))
+    result = run_workflow(path, paths)
+    assert [p.name for p in result.saved] == ["toy_00001_.png"]
+    with Image.open(result.saved[0]) as png:
+        assert png.size == (64, 64)
+        assert json.loads(png.text["prompt"])["8"]["class_type"] == "KSampler"
+        assert json.loads(png.text["workflow"])["last_node_id"] == 12
+    again = run_workflow(path, paths)
+    assert again.saved[0].name == "toy_00002_.png"
+    assert np.array_equal(np.array(Image.open(result.saved[0])), np.array(Image.open(again.saved[0])))
+    other = run_workflow(path, paths, overrides=["8.seed=43"])
+    assert not np.array_equal(np.array(Image.open(result.saved[0])), np.array(Image.open(other.saved[0])))
+
+
+def test_control_node_in_a_workflow_changes_the_picture(world) -> None:
+    base, paths, tmp_path = world
+    ToyApplyNode.control = ToyControl(toy_controlnet(base))
+    registry = {**default_registry(), "ToyApplyNode": ToyApplyNode}
+    path = _write(tmp_path, _workflow(with_control=True))
+    controlled = run_workflow(path, paths, registry)
+    off = run_workflow(path, paths, registry, overrides=["12.strength=0.0"])
+    latent = controlled.execution.outputs["8"][0]["samples"]
+    assert not torch.allclose(latent, off.execution.outputs["8"][0]["samples"])
+    assert ToyApplyNode.control.calls == []  # the node used copies, never the loaded object
+
+
+def test_cli_subcommand_prints_written_files(world, capsys) -> None:
+    base, paths, tmp_path = world
+    path = _write(tmp_path, _workflow(with_control=False))
+    parser = argparse.ArgumentParser()
+    register_cli(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(["run", str(path), "--models-dir", str(tmp_path / "models"), "--input-dir",
+                              str(tmp_path / "input"), "--output-dir", str(tmp_path / "cli"), "--set",
+                              "KSampler.steps=2", "--set", "10.filename_prefix=sub/shot"])
+    assert args.func(args) == 0
+    printed = capsys.readouterr().out.strip().splitlines()
+    assert printed == [str(tmp_path / "cli" / "sub" / "shot_00001_.png")]
+    args = parser.parse_args(["run", str(path), "--device", "cuda:7"])
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="no CUDA device"):
+            args.func(args)
+
+
+def test_errors_name_the_node_and_the_fix(world) -> None:
+    base, paths, tmp_path = world
+    workflow = _workflow(with_control=True)
+    workflow["nodes"][7]["widgets_values"] = ["missing.png", "image"]
+    registry = {**default_registry(), "ToyApplyNode": ToyApplyNode}
+    with pytest.raises(PromptValidationError, match=r"node 11 \(LoadImage\).*missing.png"):
+        run_workflow(_write(tmp_path, workflow), paths, registry)
+    workflow = _workflow(with_control=False)
+    workflow["nodes"][0]["widgets_values"] = ["absent.safetensors"]
+    with pytest.raises(PromptValidationError, match=r"node 1 \(CheckpointLoaderSimple\).*--models-dir"):
+        run_workflow(_write(tmp_path, workflow), paths)
+    workflow["nodes"][0]["widgets_values"] = ["toy.safetensors"]
+    workflow["nodes"][6]["widgets_values"] = ["../escape"]
+    with pytest.raises(NodeExecutionError, match=r"node 10 \(SaveImage\).*outside the output folder"):
+        run_workflow(_write(tmp_path, workflow), paths)
+
+
+def test_checkpoint_by_path_and_hf_spec(world, monkeypatch) -> None:
+    base, paths, tmp_path = world
+    from zeroconv.workflow_runner import files
+
+    path = str(tmp_path / "models" / "checkpoints" / "toy.safetensors")
+    assert core_nodes.CheckpointLoaderSimple.VALIDATE_INPUTS(path) is True
+    fetched = []
+    monkeypatch.setattr("huggingface_hub.hf_hub_download",
+                        lambda repo_id, filename: fetched.append((repo_id, filename)) or path)
+    assert files.resolve_model("checkpoints", "hf://owner/repo/sub/model.safetensors", paths) == files.Path(path)
+    assert fetched == [("owner/repo", "sub/model.safetensors")]
+    with pytest.raises(ValueError, match="hf://OWNER/REPO/FILE"):
+        files.resolve_model("checkpoints", "hf://owner/model.safetensors", paths)

@@ -24,11 +24,11 @@ class ToyBase:
 
     family = "toy SD1.x-shaped"
     image_size = 64
-    latent_scale_factor = 0.5
 
-    def __init__(self, seed: int = 0):
+    def __init__(self, seed: int = 0, latent_scale_factor: float = 0.5):
         self.unet = make_unet("tiny", seed).requires_grad_(False)
         self.schedule = NoiseSchedule.scaled_linear()
+        self.latent_scale_factor = latent_scale_factor
 
     def encode_text(self, captions: list[str]) -> TextConditioning:
         dim = self.unet.config.context_dim

@@ -167,14 +167,14 @@ def sample_dpmpp_2m(model: Denoiser, x: torch.Tensor, sigmas: torch.Tensor, seed
     old_denoised = None
     for i in range(len(sigmas) - 1):
         denoised = model(x, sigmas[i] * s_in)
-        t, t_next = -sigmas[i].log(), -sigmas[i + 1].log()
+        t, t_next = sigmas[i].log().neg(), sigmas[i + 1].log().neg()
         h = t_next - t
         if old_denoised is None or sigmas[i + 1] == 0:
-            x = (sigmas[i + 1] / sigmas[i]) * x - (-h).expm1() * denoised
+            x = (t_next.neg().exp() / t.neg().exp()) * x - (-h).expm1() * denoised
         else:
-            r = (t - (-sigmas[i - 1].log())) / h
+            r = (t - sigmas[i - 1].log().neg()) / h
             denoised_d = (1 + 1 / (2 * r)) * denoised - (1 / (2 * r)) * old_denoised
-            x = (sigmas[i + 1] / sigmas[i]) * x - (-h).expm1() * denoised_d
+            x = (t_next.neg().exp() / t.neg().exp()) * x - (-h).expm1() * denoised_d
         old_denoised = denoised
         _report(callback, i, len(sigmas) - 1)
     return x

@@ -112,3 +112,42 @@ def test_runner_matches_comfyui_sampling() -> None:
         assert result["diff"] <= 1e-4 * max(1.0, result["scale"]), (case, result)
         assert result["calls"][0] == result["calls"][1], (case, result["calls"])
         assert result["cleanups"][0] == result["cleanups"][1], case
+
+
+LAYOUT_SCRIPT = textwrap.dedent("""
+    import json
+    from comfy.cli_args import args
+    args.cpu = True
+    import nodes
+    from zeroconv.workflow_runner.core_nodes import CORE_NODE_CLASS_MAPPINGS
+    from zeroconv.workflow_runner.graph import declared_inputs, is_combo, spec_options, spec_type
+
+    KEYS = ("default", "min", "max", "step", "round", "control_after_generate", "image_upload", "forceInput",
+            "multiline", "dynamicPrompts")
+
+    def layout(cls):
+        inputs = [(name, required, "COMBO" if is_combo(spec) else spec_type(spec),
+                   {k: spec_options(spec)[k] for k in KEYS if k in spec_options(spec)})
+                  for name, spec, required in declared_inputs(cls)]
+        return [inputs, list(cls.RETURN_TYPES), bool(getattr(cls, "OUTPUT_NODE", False)),
+                cls.INPUT_TYPES().get("hidden")]
+
+    def combos(cls):
+        return {name: list(spec[0]) for name, spec, _ in declared_inputs(cls) if name in ("sampler_name", "scheduler")}
+
+    report = {}
+    for node_id, ours in CORE_NODE_CLASS_MAPPINGS.items():
+        theirs = nodes.NODE_CLASS_MAPPINGS[node_id]
+        report[node_id] = {"same": layout(ours) == layout(theirs),
+                           "subset": all(set(v) <= set(combos(theirs)[k]) for k, v in combos(ours).items())}
+    print("RESULT " + json.dumps(report))
+""")
+
+
+def test_core_nodes_have_comfyui_layouts() -> None:
+    python = os.environ.get("COMFYUI_PYTHON", sys.executable)
+    done = subprocess.run([python, "-c", LAYOUT_SCRIPT], cwd=COMFYUI_PATH, capture_output=True, text=True, timeout=300)
+    lines = [l for l in done.stdout.splitlines() if l.startswith("RESULT ")]
+    assert done.returncode == 0 and lines, done.stderr[-3000:]
+    report = json.loads(lines[-1][len("RESULT "):])
+    assert report and all(r == {"same": True, "subset": True} for r in report.values()), report

@@ -27,7 +27,7 @@ FRONTEND_ONLY_TYPES = frozenset({"Note", "MarkdownNote", "PrimitiveNode", "Rerou
 MODE_MUTED, MODE_BYPASSED = 2, 4
 # Values the frontend stores right after certain widgets (they never reach the backend).
 CONTROL_AFTER_GENERATE_VALUES = frozenset({"fixed", "increment", "decrement", "randomize"})
-SEED_WIDGET_NAMES = frozenset({"seed", "noise_seed"})  # the frontend gives these the control widget by name
+SEED_WIDGET_NAMES = frozenset({"seed", "noise_seed"})  # frontend: control_after_generate ?? name in these
 UPLOAD_WIDGET_VALUES = frozenset({"image", "video", "audio"})
 HIDDEN_VALUES = ("PROMPT", "EXTRA_PNGINFO", "UNIQUE_ID")
 
@@ -65,7 +65,8 @@ def declared_inputs(cls: type) -> list[tuple[str, tuple, bool]]:
 
 def frontend_extras(name: str, spec: tuple) -> frozenset[str]:
     """The values the frontend may store after this widget in widgets_values."""
-    if spec_type(spec) == "INT" and (spec_options(spec).get("control_after_generate") or name in SEED_WIDGET_NAMES):
+    control = spec_options(spec).get("control_after_generate")
+    if spec_type(spec) == "INT" and (control if control is not None else name in SEED_WIDGET_NAMES):
         return CONTROL_AFTER_GENERATE_VALUES
     if is_combo(spec) and any(spec_options(spec).get(k) for k in ("image_upload", "video_upload", "audio_upload")):
         return UPLOAD_WIDGET_VALUES

@@ -152,23 +152,18 @@ def apply_control(positive: list, negative: list, control: ToyControl, image: to
     return out[0], out[1]
 
 
-class ToyApplyNode:
-    """A test node with ControlNetApplyAdvanced's layout that applies a fixed ToyControl."""
+class ToyControlLoader:
+    """A test loader node giving a fixed ToyControl as CONTROL_NET (like ControlNetLoader's output)."""
 
     control: ToyControl | None = None  # set by the test
 
     @classmethod
     def INPUT_TYPES(cls) -> dict:
-        return {"required": {"positive": ("CONDITIONING",), "negative": ("CONDITIONING",), "image": ("IMAGE",),
-                             "strength": ("FLOAT", {"default": 1.0, "min": 0.0, "max": 10.0, "step": 0.01}),
-                             "start_percent": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 1.0, "step": 0.001}),
-                             "end_percent": ("FLOAT", {"default": 1.0, "min": 0.0, "max": 1.0, "step": 0.001})}}
+        return {"required": {}}
 
-    RETURN_TYPES = ("CONDITIONING", "CONDITIONING")
-    RETURN_NAMES = ("positive", "negative")
-    FUNCTION = "apply"
+    RETURN_TYPES = ("CONTROL_NET",)
+    FUNCTION = "load"
     CATEGORY = "tests"
 
-    def apply(self, positive: list, negative: list, image: torch.Tensor, strength: float, start_percent: float,
-              end_percent: float) -> tuple[list, list]:
-        return apply_control(positive, negative, self.control, image, strength, start_percent, end_percent)
+    def load(self) -> tuple[ToyControl]:
+        return (self.control,)

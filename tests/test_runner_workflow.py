@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -14,7 +15,7 @@ from zeroconv.workflow_runner.cli import register_cli
 from zeroconv.workflow_runner.files import HostPaths
 from zeroconv.workflow_runner.graph import NodeExecutionError, PromptValidationError
 
-from .test_runner_support import ToyApplyNode, ToyBase, ToyControl, toy_controlnet
+from .test_runner_support import ToyBase, ToyControl, ToyControlLoader, toy_controlnet
 
 
 def _node(node_id, node_type, widgets, inputs=()):
@@ -38,12 +39,15 @@ def _workflow(with_control: bool) -> dict:
              [7, 8, 0, 9, 0, "LATENT"], [8, 1, 2, 9, 1, "VAE"], [9, 9, 0, 10, 0, "IMAGE"]]
     if with_control:
         nodes += [_node(11, "LoadImage", ["outline.png", "image"]),
-                  _node(12, "ToyApplyNode", [1.0, 0.0, 1.0], [("positive", "CONDITIONING", 4),
-                                                              ("negative", "CONDITIONING", 5), ("image", "IMAGE", 10)])]
-        links += [[10, 11, 0, 12, 2, "IMAGE"], [20, 12, 0, 8, 1, "CONDITIONING"], [21, 12, 1, 8, 2, "CONDITIONING"]]
+                  _node(12, "ControlNetApplyAdvanced", [1.0, 0.0, 1.0],
+                        [("positive", "CONDITIONING", 4), ("negative", "CONDITIONING", 5),
+                         ("control_net", "CONTROL_NET", 11), ("image", "IMAGE", 10)]),
+                  _node(13, "ToyControlLoader", [])]
+        links += [[10, 11, 0, 12, 3, "IMAGE"], [11, 13, 0, 12, 2, "CONTROL_NET"], [20, 12, 0, 8, 1, "CONDITIONING"],
+                  [21, 12, 1, 8, 2, "CONDITIONING"]]
         links = [l for l in links if not (l[3] == 8 and l[0] in (4, 5))]
         links += [[4, 2, 0, 12, 0, "CONDITIONING"], [5, 3, 0, 12, 1, "CONDITIONING"]]
-    return {"last_node_id": 12, "last_link_id": 21, "nodes": nodes, "links": links, "groups": [], "config": {},
+    return {"last_node_id": 13, "last_link_id": 21, "nodes": nodes, "links": links, "groups": [], "config": {},
             "extra": {}, "version": 0.4}
 
 
@@ -77,7 +81,7 @@ def test_ui_workflow_runs_and_saves_png_with_prompt_and_workflow(world) -> None:
     with Image.open(result.saved[0]) as png:
         assert png.size == (64, 64)
         assert json.loads(png.text["prompt"])["8"]["class_type"] == "KSampler"
-        assert json.loads(png.text["workflow"])["last_node_id"] == 12
+        assert json.loads(png.text["workflow"])["last_node_id"] == 13
     again = run_workflow(path, paths)
     assert again.saved[0].name == "toy_00002_.png"
     assert np.array_equal(np.array(Image.open(result.saved[0])), np.array(Image.open(again.saved[0])))
@@ -85,16 +89,54 @@ def test_ui_workflow_runs_and_saves_png_with_prompt_and_workflow(world) -> None:
     assert not np.array_equal(np.array(Image.open(result.saved[0])), np.array(Image.open(other.saved[0])))
 
 
-def test_control_node_in_a_workflow_changes_the_picture(world) -> None:
+def test_core_apply_node_shares_one_control_copy_and_changes_the_picture(world) -> None:
     base, paths, tmp_path = world
-    ToyApplyNode.control = ToyControl(toy_controlnet(base))
-    registry = {**default_registry(), "ToyApplyNode": ToyApplyNode}
+    ToyControlLoader.control = ToyControl(toy_controlnet(base))
+    registry = {**default_registry(), "ToyControlLoader": ToyControlLoader}
     path = _write(tmp_path, _workflow(with_control=True))
     controlled = run_workflow(path, paths, registry)
+    positive, negative = controlled.execution.outputs["12"]
+    head = positive[0][1]["control"]
+    assert head is negative[0][1]["control"] and head is not ToyControlLoader.control
+    assert positive[0][1]["control_apply_to_uncond"] is False and head.timestep_percent_range == (0.0, 1.0)
+    assert len(head.calls) == 3 and head.cleanups == 1 and ToyControlLoader.control.calls == []
     off = run_workflow(path, paths, registry, overrides=["12.strength=0.0"])
+    assert off.execution.outputs["12"][0][0][1].get("control") is None  # strength 0 returns the inputs
     latent = controlled.execution.outputs["8"][0]["samples"]
     assert not torch.allclose(latent, off.execution.outputs["8"][0]["samples"])
-    assert ToyApplyNode.control.calls == []  # the node used copies, never the loaded object
+
+
+def test_core_controlnet_loader_is_served_by_the_pack_loader(world, monkeypatch) -> None:
+    import os
+
+    import zeroconv
+
+    base, paths, tmp_path = world
+    (tmp_path / "cn").mkdir()
+    (tmp_path / "cn" / "lines.safetensors").write_bytes(b"x")
+    seen = {}
+
+    class PackLoader:
+        @classmethod
+        def INPUT_TYPES(cls):
+            folder = os.environ.get("ZEROCONV_CONTROLNET_DIR", "")
+            return {"required": {"control_net_name": (sorted(os.listdir(folder)) if folder else [],),
+                                 "strength_hint": ("FLOAT", {"default": 0.5})}}
+
+        RETURN_TYPES = ("CONTROL_NET",)
+        FUNCTION = "load"
+
+        def load(self, control_net_name, strength_hint):
+            seen.update(name=control_net_name, dir=os.environ["ZEROCONV_CONTROLNET_DIR"], hint=strength_hint)
+            return (ToyControl(toy_controlnet(base)),)
+
+    monkeypatch.setitem(zeroconv.NODE_CLASS_MAPPINGS, "ZeroConvLoadControlNet", PackLoader)
+    monkeypatch.delenv("ZEROCONV_CONTROLNET_DIR", raising=False)
+    workflow = _workflow(with_control=True)
+    workflow["nodes"][-1] = {**_node(13, "ControlNetLoader", ["lines.safetensors"]), "outputs": []}
+    result = run_workflow(_write(tmp_path, workflow), replace(paths, controlnet_dir=tmp_path / "cn"))
+    assert seen == {"name": "lines.safetensors", "dir": str(tmp_path / "cn"), "hint": 0.5}
+    assert result.saved and "ZEROCONV_CONTROLNET_DIR" not in os.environ
 
 
 def test_cli_subcommand_prints_written_files(world, capsys) -> None:
@@ -118,7 +160,7 @@ def test_errors_name_the_node_and_the_fix(world) -> None:
     base, paths, tmp_path = world
     workflow = _workflow(with_control=True)
     workflow["nodes"][7]["widgets_values"] = ["missing.png", "image"]
-    registry = {**default_registry(), "ToyApplyNode": ToyApplyNode}
+    registry = {**default_registry(), "ToyControlLoader": ToyControlLoader}
     with pytest.raises(PromptValidationError, match=r"node 11 \(LoadImage\).*missing.png"):
         run_workflow(_write(tmp_path, workflow), paths, registry)
     workflow = _workflow(with_control=False)

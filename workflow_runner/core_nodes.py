@@ -6,6 +6,7 @@ checkpoints load through training.base.load_base, images go through files.py, sa
 """
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import logging
 import random
@@ -268,6 +269,88 @@ class EmptyImage:
         return (torch.tensor(rgb, dtype=torch.float32).expand(batch_size, height, width, 3).clone(),)
 
 
+# Core ControlNet node ids served by our pack's nodes (only those know our files).
+PACK_LOADER_ID = "ZeroConvLoadControlNet"
+PERCENT = ("FLOAT", {"default": 0.0, "min": 0.0, "max": 1.0, "step": 0.001})
+
+
+def _pack_node(node_id: str) -> type:
+    from .. import NODE_CLASS_MAPPINGS as PACK_NODES
+
+    if node_id not in PACK_NODES:
+        raise ValueError(f"the pack node {node_id} is not registered, so this core ControlNet node cannot run here; "
+                         f"use {node_id} in the workflow or run it in ComfyUI")
+    return PACK_NODES[node_id]
+
+
+def _widget_defaults(cls: type) -> dict[str, Any]:
+    """Default values of a node class's widget inputs."""
+    types = cls.INPUT_TYPES()
+    return {name: spec[1]["default"] for section in ("required", "optional")
+            for name, spec in types.get(section, {}).items() if len(spec) > 1 and "default" in spec[1]}
+
+
+class ControlNetLoader:
+    """Load ControlNet Model: served by our loader node, reading the file from the run's ControlNet folder."""
+
+    @classmethod
+    def INPUT_TYPES(cls) -> dict:
+        return {"required": {"control_net_name": (files.list_models("controlnet"),)}}
+
+    RETURN_TYPES = ("CONTROL_NET",)
+    FUNCTION = "load_controlnet"
+    CATEGORY = "loaders"
+
+    def load_controlnet(self, control_net_name: str) -> tuple[Any]:
+        path = files.resolve_model("controlnet", control_net_name)
+        loader = _pack_node(PACK_LOADER_ID)
+        names = [n for n, spec in loader.INPUT_TYPES()["required"].items() if isinstance(spec[0], (list, tuple))]
+        if not names:
+            raise ValueError(f"{PACK_LOADER_ID} has no file-name input to pass {control_net_name!r} to")
+        kwargs = {**_widget_defaults(loader), names[0]: path.name}
+        with files.controlnet_environment(dataclasses.replace(files.current(), controlnet_dir=path.parent)):
+            control = getattr(loader(), loader.FUNCTION)(**kwargs)
+        return (control["result"][0] if isinstance(control, dict) else control[0],)
+
+
+class ControlNetApplyAdvanced:
+    """Apply ControlNet: one copy of the control per previous control, shared by positive and negative."""
+
+    @classmethod
+    def INPUT_TYPES(cls) -> dict:
+        return {"required": {"positive": ("CONDITIONING",), "negative": ("CONDITIONING",),
+                             "control_net": ("CONTROL_NET",), "image": ("IMAGE",),
+                             "strength": ("FLOAT", {"default": 1.0, "min": 0.0, "max": 10.0, "step": 0.01}),
+                             "start_percent": PERCENT,
+                             "end_percent": ("FLOAT", {**PERCENT[1], "default": 1.0})},
+                "optional": {"vae": ("VAE",)}}
+
+    RETURN_TYPES = ("CONDITIONING", "CONDITIONING")
+    RETURN_NAMES = ("positive", "negative")
+    FUNCTION = "apply_controlnet"
+    CATEGORY = "conditioning/controlnet"
+
+    def apply_controlnet(self, positive: list, negative: list, control_net: Any, image: torch.Tensor,
+                         strength: float, start_percent: float, end_percent: float, vae: VAE | None = None,
+                         extra_concat: list | None = None) -> tuple[list, list]:
+        if strength == 0:
+            return (positive, negative)
+        hint, made, out = image.movedim(-1, 1), {}, []
+        for conditioning in (positive, negative):
+            entries = []
+            for tensor, options in conditioning:
+                options = dict(options)
+                previous = options.get("control")
+                if previous not in made:
+                    made[previous] = control_net.copy().set_cond_hint(hint, strength, (start_percent, end_percent),
+                                                                      vae=vae, extra_concat=extra_concat or [])
+                    made[previous].set_previous_controlnet(previous)
+                options["control"], options["control_apply_to_uncond"] = made[previous], False
+                entries.append([tensor, options])
+            out.append(entries)
+        return (out[0], out[1])
+
+
 CORE_NODE_CLASS_MAPPINGS: dict[str, type] = {
     "CheckpointLoaderSimple": CheckpointLoaderSimple,
     "CLIPTextEncode": CLIPTextEncode,
@@ -280,6 +363,8 @@ CORE_NODE_CLASS_MAPPINGS: dict[str, type] = {
     "SaveImage": SaveImage,
     "PreviewImage": PreviewImage,
     "EmptyImage": EmptyImage,
+    "ControlNetLoader": ControlNetLoader,
+    "ControlNetApplyAdvanced": ControlNetApplyAdvanced,
 }
 CORE_NODE_DISPLAY_NAMES: dict[str, str] = {
     "CheckpointLoaderSimple": "Load Checkpoint",
@@ -293,4 +378,6 @@ CORE_NODE_DISPLAY_NAMES: dict[str, str] = {
     "SaveImage": "Save Image",
     "PreviewImage": "Preview Image",
     "EmptyImage": "EmptyImage",
+    "ControlNetLoader": "Load ControlNet Model",
+    "ControlNetApplyAdvanced": "Apply ControlNet",
 }

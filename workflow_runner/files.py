@@ -76,6 +76,28 @@ def using(paths: HostPaths) -> Iterator[HostPaths]:
         _CURRENT.reset(token)
 
 
+CONTROLNET_DIR_ENV = "ZEROCONV_CONTROLNET_DIR"  # where our loader node looks without ComfyUI's folder_paths
+
+
+@contextlib.contextmanager
+def controlnet_environment(paths: HostPaths) -> Iterator[str | None]:
+    """Point our ControlNet loader node at the run's ControlNet folder (an explicit env var wins), then restore."""
+    before = os.environ.get(CONTROLNET_DIR_ENV)
+    folders = paths.search_dirs("controlnet")
+    chosen = str(paths.controlnet_dir) if paths.controlnet_dir is not None else before
+    if chosen is None and folders:
+        chosen = str(next((f for f in folders if any(f.glob("*.safetensors"))), folders[0]))
+    if chosen is not None:
+        os.environ[CONTROLNET_DIR_ENV] = chosen
+    try:
+        yield chosen
+    finally:
+        if before is None:
+            os.environ.pop(CONTROLNET_DIR_ENV, None)
+        else:
+            os.environ[CONTROLNET_DIR_ENV] = before
+
+
 def list_models(kind: str, paths: HostPaths | None = None) -> list[str]:
     """Model files of a kind, as names relative to their folder (a ComfyUI combo list)."""
     names: set[str] = set()

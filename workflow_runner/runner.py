@@ -52,7 +52,7 @@ def run_prompt(prompt: Prompt, paths: files.HostPaths, registry: Mapping[str, ty
     """Validate and execute an API prompt with the given folders; the UI workflow, if any, is embedded in PNGs."""
     registry = dict(registry or default_registry())
     prompt = apply_overrides(prompt, list(overrides))
-    with files.using(paths):
+    with files.using(paths), files.controlnet_environment(paths):
         outputs = validate_prompt(prompt, registry)
         extra_pnginfo = {"workflow": workflow} if workflow is not None else None
         execution = execute_prompt(prompt, registry, outputs, extra_pnginfo)
@@ -65,7 +65,7 @@ def run_workflow(path: str | Path, paths: files.HostPaths | None = None,
     path = Path(path)
     registry = dict(registry or default_registry())
     paths = paths or files.HostPaths(base_dir=path.resolve().parent)
-    with files.using(paths):
+    with files.using(paths), files.controlnet_environment(paths):
         prompt, workflow = load_workflow(path, registry)
     logger.debug("API prompt: %s", json.dumps(prompt, default=str))
     return run_prompt(prompt, paths, registry, workflow, overrides)

@@ -29,7 +29,6 @@ MODE_MUTED, MODE_BYPASSED = 2, 4
 CONTROL_AFTER_GENERATE_VALUES = frozenset({"fixed", "increment", "decrement", "randomize"})
 SEED_WIDGET_NAMES = frozenset({"seed", "noise_seed"})  # frontend: control_after_generate ?? name in these
 UPLOAD_WIDGET_VALUES = frozenset({"image", "video", "audio"})
-HIDDEN_VALUES = ("PROMPT", "EXTRA_PNGINFO", "UNIQUE_ID")
 
 
 # ---- input specs -------------------------------------------------------------------------------------------

@@ -7,12 +7,14 @@ from pathlib import Path
 import pytest
 
 from zeroconv.workflow_runner import default_registry
-from zeroconv.workflow_runner.graph import (FRONTEND_ONLY_TYPES, declared_inputs, frontend_extras, is_widget,
-                                            ui_to_api)
+from zeroconv.workflow_runner.files import IMAGE_EXTENSIONS, MODEL_EXTENSIONS
+from zeroconv.workflow_runner.graph import (FRONTEND_ONLY_TYPES, combo_options, declared_inputs, frontend_extras,
+                                            is_combo, is_widget, spec_options, ui_to_api)
 
 WORKFLOWS = sorted((Path(__file__).resolve().parents[1] / "workflows").glob("*.json"))
 # Required keys and their JSON types (ComfyUI_frontend src/schemas/comfyWorkflowSchema.ts, zComfyWorkflow 0.4).
 WORKFLOW_KEYS = {"last_node_id": int, "last_link_id": int, "nodes": list, "links": list, "version": (int, float)}
+FILE_SUFFIXES = MODEL_EXTENSIONS + IMAGE_EXTENSIONS
 NODE_KEYS = {"id": int, "type": str, "pos": list, "size": list, "flags": dict, "order": int, "mode": int,
              "properties": dict}
 
@@ -56,3 +58,19 @@ def test_workflow_nodes_exist_with_their_widget_layouts(path: Path) -> None:
             assert socket["name"] in specs, (node["id"], socket["name"])
         assert [o["type"] for o in node.get("outputs", [])] == list(cls.RETURN_TYPES), node["id"]
     assert ui_to_api(_load(path), registry)
+
+
+@pytest.mark.parametrize("path", WORKFLOWS, ids=lambda p: p.name)
+def test_workflow_widget_values_are_in_range(path: Path) -> None:
+    registry = default_registry()
+    for node_id, node in ui_to_api(_load(path), registry).items():
+        specs = {name: spec for name, spec, _ in declared_inputs(registry[node["class_type"]])}
+        for name, value in node["inputs"].items():
+            spec = specs[name]
+            if isinstance(value, list) or not is_widget(spec):
+                continue
+            options = combo_options(spec) if is_combo(spec) else []
+            if options and not any(str(o).endswith(FILE_SUFFIXES) for o in options):  # file pickers vary by machine
+                assert value in options, (node_id, name, value)
+            low, high = spec_options(spec).get("min"), spec_options(spec).get("max")
+            assert (low is None or value >= low) and (high is None or value <= high), (node_id, name, value)

@@ -1,7 +1,6 @@
 """A UI-format workflow runs end to end on a tiny base: files in, PNG out, ControlNet applied, CLI and errors."""
 from __future__ import annotations
 
-import argparse
 import json
 from dataclasses import replace
 
@@ -11,7 +10,7 @@ import torch
 from PIL import Image
 
 from zeroconv.workflow_runner import core_nodes, default_registry, run_workflow
-from zeroconv.workflow_runner.cli import register_cli
+from zeroconv.cli import main
 from zeroconv.workflow_runner.files import HostPaths
 from zeroconv.workflow_runner.graph import NodeExecutionError, PromptValidationError
 
@@ -142,18 +141,16 @@ def test_core_controlnet_loader_is_served_by_the_pack_loader(world, monkeypatch)
 def test_cli_subcommand_prints_written_files(world, capsys) -> None:
     base, paths, tmp_path = world
     path = _write(tmp_path, _workflow(with_control=False))
-    parser = argparse.ArgumentParser()
-    register_cli(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(["run", str(path), "--models-dir", str(tmp_path / "models"), "--input-dir",
-                              str(tmp_path / "input"), "--output-dir", str(tmp_path / "cli"), "--set",
-                              "KSampler.steps=2", "--set", "10.filename_prefix=sub/shot"])
-    assert args.func(args) == 0
+    assert main(["run", str(path), "--models-dir", str(tmp_path / "models"), "--input-dir", str(tmp_path / "input"),
+                 "--output-dir", str(tmp_path / "cli"), "--set", "KSampler.steps=2", "--set",
+                 "10.filename_prefix=sub/shot"]) == 0
     printed = capsys.readouterr().out.strip().splitlines()
     assert printed == [str(tmp_path / "cli" / "sub" / "shot_00001_.png")]
-    args = parser.parse_args(["run", str(path), "--device", "cuda:7"])
+    assert main(["run", str(path), "--models-dir", str(tmp_path / "models"), "--set", "8.steps=0"]) == 2
+    assert "node 8 (KSampler): Value 0 smaller than min of 1" in capsys.readouterr().err
     if not torch.cuda.is_available():
-        with pytest.raises(ValueError, match="no CUDA device"):
-            args.func(args)
+        assert main(["run", str(path), "--device", "cuda:7"]) == 2
+        assert "no CUDA device" in capsys.readouterr().err
 
 
 def test_errors_name_the_node_and_the_fix(world) -> None:

@@ -6,6 +6,7 @@ recognises the other kinds (diffusers, diff, Control-LoRA, Union, T2I-Adapter) w
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import os
 import pickle
@@ -260,3 +261,14 @@ def read_metadata(path: str | Path) -> ControlNetMetadata:
     with safe_open(str(path), framework="pt") as f:
         return ControlNetMetadata.from_strings(f.metadata() or {})
 
+
+
+@functools.lru_cache(maxsize=8)
+def _cached(path: str, mtime: float, size: int, dtype: torch.dtype | None) -> LoadedControlNet:
+    return load_controlnet(path, dtype=dtype)
+
+
+def load_controlnet_cached(path: str | Path, dtype: torch.dtype | None = None) -> LoadedControlNet:
+    """load_controlnet, reused while the file is unchanged (same path, mtime and size)."""
+    stat = Path(path).stat()
+    return _cached(str(Path(path).resolve()), stat.st_mtime, stat.st_size, dtype)

@@ -179,6 +179,7 @@ class ControlUnit:
     controlnet: ControlNet
     hint: torch.Tensor  # (1 or B, C, 8h, 8w) in [0, 1]
     settings: ControlSettings = ControlSettings()
+    encoded_hint: torch.Tensor | None = None  # controlnet.encode_hint(hint), cached across the steps of a run
 
 
 def _rows(t: torch.Tensor | None, rows: torch.Tensor | None) -> torch.Tensor | None:
@@ -223,7 +224,7 @@ def run_control(unit: ControlUnit, x: torch.Tensor, timesteps: torch.Tensor, con
     if rows is not None and not rows.any():
         return None
     out = unit.controlnet(_rows(x, rows), _rows(unit.hint, rows), _rows(timesteps, rows), _rows(context, rows),
-                          _rows(y, rows))
+                          _rows(y, rows), guided_hint=_rows(unit.encoded_hint, rows))
     out = scale_output(out, settings.mode, strength, _rows(settings.mask, rows), cfg.global_average_pooling)
     if rows is None:
         return out

@@ -1,2 +1,28 @@
-NODE_CLASS_MAPPINGS: dict[str, type] = {}
-NODE_DISPLAY_NAME_MAPPINGS: dict[str, str] = {}
+"""Loader node: any ControlNet file to a CONTROL_NET that our and ComfyUI's apply nodes accept."""
+from __future__ import annotations
+
+from ..controlnet_model.checkpoint import load_controlnet_cached
+from .comfy_adapter import ControlPart, make_control
+from .common import CATEGORY, list_controlnets, resolve_controlnet
+
+
+class ZeroConvLoadControlNet:
+    """Load a ControlNet checkpoint (LDM v1.0/v1.1 layouts, pruned fp16, our native files)."""
+
+    DESCRIPTION = "Loads a ControlNet file from the controlnet model folder; the result works with core apply nodes too."
+    RETURN_TYPES = ("CONTROL_NET",)
+    FUNCTION = "load"
+    CATEGORY = f"{CATEGORY}/loaders"
+
+    @classmethod
+    def INPUT_TYPES(cls) -> dict:
+        return {"required": {"control_net_name": (list_controlnets(), {"tooltip": "file in models/controlnet"})}}
+
+    def load(self, control_net_name: str) -> tuple:
+        path = resolve_controlnet(control_net_name)
+        loaded = load_controlnet_cached(path)
+        return (make_control((ControlPart(loaded.model, name=path.name),)),)
+
+
+NODE_CLASS_MAPPINGS = {"ZeroConvLoadControlNet": ZeroConvLoadControlNet}
+NODE_DISPLAY_NAME_MAPPINGS = {"ZeroConvLoadControlNet": "Load ControlNet (ZeroConv)"}

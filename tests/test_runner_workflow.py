@@ -183,3 +183,31 @@ def test_checkpoint_by_path_and_hf_spec(world, monkeypatch) -> None:
     assert fetched == [("owner/repo", "sub/model.safetensors")]
     with pytest.raises(ValueError, match="hf://OWNER/REPO/FILE"):
         files.resolve_model("checkpoints", "hf://owner/model.safetensors", paths)
+
+
+def _pack_control_workflow(core_ids: bool) -> dict:
+    """The control workflow with our loader and apply nodes, or the core ids they serve."""
+    workflow = _workflow(with_control=True)
+    apply_type, apply_widgets = (("ControlNetApplyAdvanced", [1.0, 0.0, 1.0]) if core_ids else
+                                 ("ZeroConvApplyControlNet", [1.0, 0.0, 1.0, "balanced", "crop_and_resize"]))
+    loader_type = "ControlNetLoader" if core_ids else "ZeroConvLoadControlNet"
+    for node in workflow["nodes"]:
+        if node["id"] == 12:
+            node["type"], node["widgets_values"] = apply_type, apply_widgets
+        if node["id"] == 13:
+            node["type"], node["widgets_values"] = loader_type, ["toy_cn.safetensors"]
+    return workflow
+
+
+def test_pack_nodes_and_core_ids_give_the_same_controlled_result(world) -> None:
+    from zeroconv.controlnet_model.checkpoint import save_controlnet
+
+    base, paths, tmp_path = world
+    save_controlnet(toy_controlnet(base), tmp_path / "models" / "controlnet" / "toy_cn.safetensors")
+    ours = run_workflow(_write(tmp_path, _pack_control_workflow(core_ids=False), "ours.json"), paths)
+    core = run_workflow(_write(tmp_path, _pack_control_workflow(core_ids=True), "core.json"), paths)
+    plain = run_workflow(_write(tmp_path, _workflow(with_control=False), "plain.json"), paths)
+    latents = [r.execution.outputs["8"][0]["samples"] for r in (ours, core, plain)]
+    assert torch.allclose(latents[0], latents[1], atol=1e-5)
+    assert (latents[0] - latents[2]).abs().max() > 1e-3
+    assert ours.saved and core.saved

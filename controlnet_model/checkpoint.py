@@ -1,13 +1,15 @@
 """Reading and writing ControlNet checkpoints (controlnet-formats.md §2).
 
 This build loads the LDM layouts (v1.0 `control_model.`-prefixed files with or without the whole SD model,
-Lightning `state_dict` nesting, pruned community files, v1.1 bare-key files) and our own native files, and
-recognises the other kinds (diffusers, diff, Control-LoRA, Union, T2I-Adapter) with a clear error.
+Lightning `state_dict` nesting, pruned community files, v1.1 bare-key files), diffusers folders and single files,
+and our own native files; it recognises the other kinds (diff, Control-LoRA, Union, T2I-Adapter) with a clear
+error.
 """
 from __future__ import annotations
 
 import functools
 import hashlib
+import json
 import os
 import pickle
 import tempfile
@@ -19,6 +21,7 @@ from typing import Any, Mapping
 import torch
 from torch import nn
 
+from . import diffusers_format
 from .config import FAMILY_BY_CONTEXT_DIM, ControlNetConfig
 from .keymaps import FORMAT_MARKERS, LDM_CONTROL_PREFIX, WRAPPER_PREFIXES
 from .network import ControlNet
@@ -34,9 +37,8 @@ class CheckpointFormat(str, Enum):
     T2I_ADAPTER = "t2i_adapter"
 
 
-LOADABLE = {CheckpointFormat.LDM_PREFIXED, CheckpointFormat.LDM}
+LOADABLE = {CheckpointFormat.LDM_PREFIXED, CheckpointFormat.LDM, CheckpointFormat.DIFFUSERS}
 UNSUPPORTED_ADVICE = {
-    CheckpointFormat.DIFFUSERS: "diffusers-layout ControlNets are not loaded by this build yet; use ComfyUI's own loader",
     CheckpointFormat.DIFF: "diff ControlNets are not loaded by this build yet; use ComfyUI's DiffControlNetLoader",
     CheckpointFormat.CONTROL_LORA: "Control-LoRA files are not loaded by this build yet; use ComfyUI's loader",
     CheckpointFormat.UNION: "Union/ControlNet++ models are not supported yet; use ComfyUI's loader with SetUnionControlNetType",
@@ -83,7 +85,7 @@ def read_state_dict(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str
     """Tensors and string metadata of a file; pickles only through torch.load(weights_only=True)."""
     path = Path(path)
     if path.is_dir():
-        raise ValueError(f"{path} is a folder; give the weight file itself (diffusers folders are not loaded yet)")
+        path = diffusers_format.weight_file_in(path)
     if not path.exists():
         raise FileNotFoundError(f"ControlNet file {path} does not exist; put it in ComfyUI's models/controlnet folder")
     if path.stat().st_size == 0:
@@ -187,12 +189,37 @@ def load_controlnet(path: str | Path, *, dtype: torch.dtype | None = None,
         raise ValueError(f"{path} is a {fmt.value} checkpoint: {UNSUPPORTED_ADVICE[fmt]}")
     if fmt is CheckpointFormat.LDM_PREFIXED:
         state = {k[len(LDM_CONTROL_PREFIX):]: v for k, v in state.items() if k.startswith(LDM_CONTROL_PREFIX)}
+    if fmt is CheckpointFormat.DIFFUSERS:
+        state = diffusers_format.diffusers_to_ldm(state, path)
     config = ControlNetConfig.from_json(meta["zeroconv_config"]) if "zeroconv_config" in meta else infer_config(state)
+    if fmt is CheckpointFormat.DIFFUSERS:
+        config = _apply_diffusers_config(config, path)
     config = config.replace(global_average_pooling=config.global_average_pooling or _is_shuffle(path))
     with torch.device("meta"):
         model = ControlNet(config)
     _load_strict(model, state, path, dtype)
     return LoadedControlNet(model.to(device).eval(), config, fmt, ControlNetMetadata.from_strings(meta), path)
+
+
+def _apply_diffusers_config(config: ControlNetConfig, path: Path) -> ControlNetConfig:
+    """Heads and pooling are not in the weights: read them from the config.json beside the file."""
+    raw = diffusers_format.read_config_json(path.parent if path.is_file() else path)
+    if not raw:
+        return config
+    heads = diffusers_format.heads_from_config(raw, list(config.channel_widths))
+    return config.replace(global_average_pooling=bool(raw.get("global_pool_conditions", False)), **heads)
+
+
+def export_diffusers(model: ControlNet, folder: str | Path, dtype: torch.dtype | None = None) -> Path:
+    """Write `config.json` + `diffusion_pytorch_model.safetensors` that diffusers' from_pretrained loads."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    state = {k: (v.to(dtype) if dtype else v).detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    converted = diffusers_format.ldm_to_diffusers(state, model.config)
+    _atomic_safetensors(converted, folder / "diffusion_pytorch_model.safetensors", {"format": "pt"})
+    config_text = json.dumps(diffusers_format.diffusers_config(model.config), indent=2)
+    _atomic_write_bytes(folder / "config.json", config_text.encode())
+    return folder
 
 
 def _is_shuffle(path: Path) -> bool:
@@ -232,26 +259,39 @@ def content_hash(state: Mapping[str, torch.Tensor]) -> str:
 def save_controlnet(model: ControlNet, path: str | Path, metadata: ControlNetMetadata | None = None,
                     dtype: torch.dtype | None = None) -> Path:
     """Write our native format: bare LDM keys (what ComfyUI and A1111 load) plus descriptive metadata; atomic."""
-    from safetensors.torch import save_file
-
     path = Path(path)
     state = {k: (v.to(dtype) if dtype else v).detach().contiguous().cpu() for k, v in model.state_dict().items()}
     meta = metadata or ControlNetMetadata()
     strings = {**meta.to_strings(), "zeroconv_family": meta.family or model.config.family,
                "zeroconv_config": model.config.to_json(), "zeroconv_content_hash": content_hash(state),
                "zeroconv_format": "ldm"}
+    _atomic_safetensors(state, path, strings)
+    return path
+
+
+def _atomic(path: Path, write: Any) -> None:
+    """write(tmp_path) into a temp file beside `path`, fsync, then rename over it: never a half-written file."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     try:
-        save_file(state, tmp, metadata=strings)
+        write(tmp)
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
-    return path
+
+
+def _atomic_safetensors(state: dict[str, torch.Tensor], path: Path, metadata: dict[str, str]) -> None:
+    import safetensors.torch
+
+    _atomic(path, lambda tmp: safetensors.torch.save_file(state, tmp, metadata=metadata))
+
+
+def _atomic_write_bytes(path: Path, data: bytes) -> None:
+    _atomic(path, lambda tmp: Path(tmp).write_bytes(data))
 
 
 def read_metadata(path: str | Path) -> ControlNetMetadata:

@@ -29,3 +29,35 @@ FORMAT_MARKERS: tuple[tuple[str, tuple[str, ...]], ...] = (
 LDM_CONTROL_PREFIX = "control_model."
 # Wrapper prefixes added by torch.compile and DataParallel, stripped before detection.
 WRAPPER_PREFIXES: tuple[str, ...] = ("_orig_mod.", "module.")
+
+# LDM <-> diffusers, as (LDM prefix, diffusers prefix) pairs (controlnet-formats.md §2.3). Index-dependent
+# rules are templates expanded over the layout by checkpoint code; every rule is 1:1 so the inverse is free.
+DIFFUSERS_FIXED: tuple[tuple[str, str], ...] = (
+    ("time_embed.0.", "time_embedding.linear_1."),
+    ("time_embed.2.", "time_embedding.linear_2."),
+    ("label_emb.0.0.", "add_embedding.linear_1."),
+    ("label_emb.0.2.", "add_embedding.linear_2."),
+    ("input_blocks.0.0.", "conv_in."),
+    ("input_hint_block.0.", "controlnet_cond_embedding.conv_in."),
+    ("input_hint_block.14.", "controlnet_cond_embedding.conv_out."),
+    ("middle_block_out.0.", "controlnet_mid_block."),
+)
+DIFFUSERS_HINT_BLOCK = ("input_hint_block.{ldm}.", "controlnet_cond_embedding.blocks.{k}.")  # ldm = 2k + 2, k < 6
+DIFFUSERS_RES_SUBKEYS: tuple[tuple[str, str], ...] = (
+    ("in_layers.0.", "norm1."),
+    ("in_layers.2.", "conv1."),
+    ("emb_layers.1.", "time_emb_proj."),
+    ("out_layers.0.", "norm2."),
+    ("out_layers.3.", "conv2."),
+    ("skip_connection.", "conv_shortcut."),
+)
+DIFFUSERS_DOWN_RES = ("input_blocks.{i}.0.", "down_blocks.{b}.resnets.{j}.")
+DIFFUSERS_DOWN_ATTN = ("input_blocks.{i}.1.", "down_blocks.{b}.attentions.{j}.")
+DIFFUSERS_DOWNSAMPLE = ("input_blocks.{i}.0.op.", "down_blocks.{b}.downsamplers.0.conv.")
+DIFFUSERS_MID = (("middle_block.0.", "mid_block.resnets.0."), ("middle_block.2.", "mid_block.resnets.1."))
+DIFFUSERS_MID_ATTN = ("middle_block.1.", "mid_block.attentions.0.")
+DIFFUSERS_ZERO_CONV = ("zero_convs.{n}.0.", "controlnet_down_blocks.{n}.")
+DIFFUSERS_WEIGHT_NAMES: tuple[str, ...] = (
+    "diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.fp16.safetensors", "diffusion_pytorch_model.bin",
+    "diffusion_pytorch_model.fp16.bin",
+)

@@ -111,13 +111,15 @@ def test_bad_files_give_one_clear_error(net: ControlNet, tmp_path) -> None:
     with open(tmp_path / "evil.pth", "wb") as f:
         pickle.dump({"x": _Evil()}, f)
     cases = {"truncated.safetensors": "truncated", "header.safetensors": "corrupt", "empty.safetensors": "empty",
-             "folder": "folder", "unknown.safetensors": "unknown checkpoint layout",
+             "unknown.safetensors": "unknown checkpoint layout",
              "union.safetensors": "not supported", "evil.pth": "refused"}
     for name, match in cases.items():
         with pytest.raises((ValueError, KeyError), match=match) as info:
             load_controlnet(tmp_path / name)
         assert name in str(info.value) or name == "unknown.safetensors"
     assert not (tmp_path / "pwned").exists() and not os.path.exists("pwned")
+    with pytest.raises(FileNotFoundError, match="no diffusers weights"):
+        load_controlnet(tmp_path / "folder")
     with pytest.raises(FileNotFoundError, match="models/controlnet"):
         load_controlnet(tmp_path / "missing.safetensors")
 

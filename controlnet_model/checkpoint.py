@@ -23,6 +23,7 @@ from torch import nn
 
 from . import diffusers_format
 from .config import FAMILY_BY_CONTEXT_DIM, ControlNetConfig
+from .from_unet import unet_twin, unet_twin_inverse
 from .keymaps import FORMAT_MARKERS, LDM_CONTROL_PREFIX, WRAPPER_PREFIXES
 from .network import ControlNet
 
@@ -37,10 +38,10 @@ class CheckpointFormat(str, Enum):
     T2I_ADAPTER = "t2i_adapter"
 
 
-LOADABLE = {CheckpointFormat.LDM_PREFIXED, CheckpointFormat.LDM, CheckpointFormat.DIFFUSERS}
+LOADABLE = {CheckpointFormat.LDM_PREFIXED, CheckpointFormat.LDM, CheckpointFormat.DIFFUSERS, CheckpointFormat.DIFF,
+            CheckpointFormat.CONTROL_LORA}
+NEEDS_BASE = {CheckpointFormat.DIFF, CheckpointFormat.CONTROL_LORA}
 UNSUPPORTED_ADVICE = {
-    CheckpointFormat.DIFF: "diff ControlNets are not loaded by this build yet; use ComfyUI's DiffControlNetLoader",
-    CheckpointFormat.CONTROL_LORA: "Control-LoRA files are not loaded by this build yet; use ComfyUI's loader",
     CheckpointFormat.UNION: "Union/ControlNet++ models are not supported yet; use ComfyUI's loader with SetUnionControlNetType",
     CheckpointFormat.T2I_ADAPTER: "T2I-Adapters are not ControlNets and are not supported yet; use ComfyUI's loader",
 }
@@ -178,16 +179,29 @@ def _attention_depth(state: Mapping[str, Any], prefix: str) -> int | None:
     return _count(state, prefix + "transformer_blocks.{}.norm1.weight")
 
 
-def load_controlnet(path: str | Path, *, dtype: torch.dtype | None = None,
-                    device: str | torch.device = "cpu") -> LoadedControlNet:
-    """Load a ControlNet file strictly into our ControlNet, in the dtype and on the device asked for."""
+def load_controlnet(path: str | Path, *, base_unet: nn.Module | Mapping[str, torch.Tensor] | None = None,
+                    dtype: torch.dtype | None = None, device: str | torch.device = "cpu") -> LoadedControlNet:
+    """Load a ControlNet file strictly into our ControlNet, in the dtype and on the device asked for.
+
+    Args:
+        path: a weight file, or a diffusers folder.
+        base_unet: the LDM-layout U-Net (module or state dict) that diff and Control-LoRA files are relative to.
+        dtype: dtype of the loaded weights (default: the file's).
+        device: where the model is placed.
+    """
     path = Path(path)
     state, meta = read_state_dict(path)
     state = _strip_wrappers(state)
     fmt = detect_format(state)
     if fmt not in LOADABLE:
         raise ValueError(f"{path} is a {fmt.value} checkpoint: {UNSUPPORTED_ADVICE[fmt]}")
-    if fmt is CheckpointFormat.LDM_PREFIXED:
+    if fmt in NEEDS_BASE:
+        if base_unet is None:
+            raise ValueError(f"{path} is a {fmt.value} ControlNet stored relative to its base model; give the base "
+                             "model (in ComfyUI connect a MODEL to the loader's model input)")
+        base = base_unet.state_dict() if isinstance(base_unet, nn.Module) else base_unet
+        state = merge_with_base(state, base, fmt, path)
+    elif fmt is CheckpointFormat.LDM_PREFIXED:
         state = {k[len(LDM_CONTROL_PREFIX):]: v for k, v in state.items() if k.startswith(LDM_CONTROL_PREFIX)}
     if fmt is CheckpointFormat.DIFFUSERS:
         state = diffusers_format.diffusers_to_ldm(state, path)
@@ -199,6 +213,33 @@ def load_controlnet(path: str | Path, *, dtype: torch.dtype | None = None,
         model = ControlNet(config)
     _load_strict(model, state, path, dtype)
     return LoadedControlNet(model.to(device).eval(), config, fmt, ControlNetMetadata.from_strings(meta), path)
+
+
+def merge_with_base(state: Mapping[str, torch.Tensor], base: Mapping[str, torch.Tensor], fmt: CheckpointFormat,
+                    path: Path) -> dict[str, torch.Tensor]:
+    """Absolute ControlNet weights from a diff (delta + base) or Control-LoRA (base + up @ down) file (§2.4-2.5)."""
+    if fmt is CheckpointFormat.DIFF:
+        state = {k[len(LDM_CONTROL_PREFIX):]: v for k, v in state.items() if k.startswith(LDM_CONTROL_PREFIX)}
+    merged: dict[str, torch.Tensor] = {}
+    for key, tensor in state.items():
+        if key == "lora_controlnet" or (fmt is CheckpointFormat.CONTROL_LORA and key.endswith((".up", ".down"))):
+            continue
+        twin = unet_twin(key)
+        add_base = fmt is CheckpointFormat.DIFF and twin in base
+        merged[key] = tensor.float() + base[twin].float() if add_base else tensor
+    for key in [k[:-3] for k in state if k.endswith(".up")]:
+        weight, twin = key + ".weight", unet_twin(key + ".weight")
+        if twin not in base:
+            raise KeyError(f"{path}: Control-LoRA factor {key} has no base weight {twin}; is this the right base model?")
+        up, down = state[key + ".up"].float(), state[key + ".down"].float()
+        merged[weight] = base[twin].float() + (up.flatten(1) @ down.flatten(1)).reshape(base[twin].shape)
+    from_base = {name: v for k, v in base.items() if (name := unet_twin_inverse(k)) is not None}
+    with torch.device("meta"):
+        template = ControlNet(infer_config({**from_base, **merged}))
+    for key in template.state_dict():  # what the file omits comes from the base (unchanged weights, norms)
+        if key not in merged and unet_twin(key) in base:
+            merged[key] = base[unet_twin(key)]
+    return merged
 
 
 def _apply_diffusers_config(config: ControlNetConfig, path: Path) -> ControlNetConfig:

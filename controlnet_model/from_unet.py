@@ -9,10 +9,18 @@ from .keymaps import INIT_FRESH_PREFIXES, INIT_FROM_UNET_PREFIXES
 from .network import ControlNet
 
 
-def _unet_key(control_key: str) -> str | None:
+def unet_twin(control_key: str) -> str | None:
+    """The base U-Net key a ControlNet key was copied from, or None for the ControlNet's own modules."""
     for control_prefix, unet_prefix in INIT_FROM_UNET_PREFIXES:
         if control_key.startswith(control_prefix):
             return unet_prefix + control_key[len(control_prefix):]
+    return None
+
+
+def unet_twin_inverse(unet_key: str) -> str | None:
+    for control_prefix, unet_prefix in INIT_FROM_UNET_PREFIXES:
+        if unet_key.startswith(unet_prefix):
+            return control_prefix + unet_key[len(unet_prefix):]
     return None
 
 
@@ -37,7 +45,7 @@ def init_from_unet(unet: nn.Module, config: ControlNetConfig | None = None,
     fresh, missing = [], []
     with torch.no_grad():
         for key, tensor in target.items():
-            source = _unet_key(key)
+            source = unet_twin(key)
             if source is not None and source in unet_state:
                 if unet_state[source].shape != tensor.shape:
                     raise ValueError(f"cannot copy {source} {tuple(unet_state[source].shape)} into ControlNet "

@@ -1,7 +1,9 @@
 """Loader node: any ControlNet file to a CONTROL_NET that our and ComfyUI's apply nodes accept."""
 from __future__ import annotations
 
-from ..controlnet_model.checkpoint import load_controlnet_cached
+from typing import Any
+
+from ..controlnet_model.checkpoint import load_controlnet, load_controlnet_cached
 from .comfy_adapter import ControlPart, make_control
 from .common import CATEGORY, list_controlnets, resolve_controlnet
 
@@ -16,11 +18,15 @@ class ZeroConvLoadControlNet:
 
     @classmethod
     def INPUT_TYPES(cls) -> dict:
-        return {"required": {"control_net_name": (list_controlnets(), {"tooltip": "file in models/controlnet"})}}
+        return {"required": {"control_net_name": (list_controlnets(), {"tooltip": "file in models/controlnet"})},
+                "optional": {"model": ("MODEL", {"tooltip": "the base model, for diff and Control-LoRA files"})}}
 
-    def load(self, control_net_name: str) -> tuple:
+    def load(self, control_net_name: str, model: Any = None) -> tuple:
         path = resolve_controlnet(control_net_name)
-        loaded = load_controlnet_cached(path)
+        if model is None:
+            loaded = load_controlnet_cached(path)
+        else:  # relative to this base model: not cached across models
+            loaded = load_controlnet(path, base_unet=model.model.diffusion_model)
         return (make_control((ControlPart(loaded.model, name=path.name),)),)
 
 

@@ -137,3 +137,61 @@ def test_failed_write_keeps_the_good_file(net: ControlNet, tmp_path, monkeypatch
         save_controlnet(net, path)
     assert path.read_bytes() == before
     assert sorted(os.listdir(tmp_path)) == ["keep.safetensors"]
+
+
+def _tiny_pair():
+    from zeroconv.controlnet_model import UNetModel, init_from_unet
+
+    unet = randomize(UNetModel(preset("tiny")), seed=1)
+    controlnet, _ = init_from_unet(unet)
+    return unet, randomize(controlnet, seed=8)
+
+
+def test_diff_controlnet_needs_and_uses_the_base(tmp_path) -> None:
+    from zeroconv.controlnet_model.from_unet import unet_twin
+
+    unet, controlnet = _tiny_pair()
+    base = unet.state_dict()
+    stored = {"difference": torch.tensor(1.0)}
+    for key, value in controlnet.state_dict().items():
+        twin = unet_twin(key)
+        delta = value - base[twin] if twin in base else value
+        if twin in base and key.startswith("middle_block.0.in_layers.0"):
+            continue  # the writer omits keys whose delta is ~0; here they must come from the base
+        stored[f"control_model.{key}"] = delta
+    expected = dict(controlnet.state_dict())
+    expected["middle_block.0.in_layers.0.weight"] = base["middle_block.0.in_layers.0.weight"]
+    expected["middle_block.0.in_layers.0.bias"] = base["middle_block.0.in_layers.0.bias"]
+    save_file({k: v.contiguous() for k, v in stored.items()}, tmp_path / "diff_control_sd15_canny.safetensors")
+    with pytest.raises(ValueError, match="base model"):
+        load_controlnet(tmp_path / "diff_control_sd15_canny.safetensors")
+    loaded = load_controlnet(tmp_path / "diff_control_sd15_canny.safetensors", base_unet=unet)
+    assert loaded.format is CheckpointFormat.DIFF
+    for key, value in expected.items():
+        torch.testing.assert_close(loaded.model.state_dict()[key], value, rtol=1e-6, atol=1e-6)
+
+
+def test_control_lora_rebuilds_low_rank_weights(tmp_path) -> None:
+    from zeroconv.controlnet_model.from_unet import unet_twin
+
+    unet, controlnet = _tiny_pair()
+    base = unet.state_dict()
+    gen = torch.Generator().manual_seed(3)
+    stored, expected = {"lora_controlnet": torch.tensor([])}, {}
+    for key, value in controlnet.state_dict().items():
+        twin = unet_twin(key)
+        if twin in base and value.ndim >= 2:
+            module = key[: -len(".weight")]
+            up = torch.randn(value.shape[0], 2, *([1] * (value.ndim - 2)), generator=gen) * 0.1
+            down = torch.randn(2, *value.shape[1:], generator=gen) * 0.1
+            stored[module + ".up"], stored[module + ".down"] = up, down
+            expected[key] = base[twin] + (up.flatten(1) @ down.flatten(1)).reshape(value.shape)
+        elif twin in base:
+            expected[key] = base[twin]  # 1-D U-Net parameters may be left out: they come from the base
+        else:
+            stored[key] = expected[key] = value
+    save_file({k: v.contiguous() for k, v in stored.items()}, tmp_path / "control-lora-canny-rank2.safetensors")
+    loaded = load_controlnet(tmp_path / "control-lora-canny-rank2.safetensors", base_unet=unet.state_dict())
+    assert loaded.format is CheckpointFormat.CONTROL_LORA
+    for key, value in expected.items():
+        torch.testing.assert_close(loaded.model.state_dict()[key], value, rtol=1e-5, atol=1e-6)

@@ -16,6 +16,17 @@ MODES = [m.value for m in ControlMode]
 FITS = [f.value for f in HintFit]
 
 
+def control_widgets() -> dict:
+    """Strength, step range, mode and fit widgets shared by the apply and compose nodes (core names and ranges)."""
+    return {
+        "strength": ("FLOAT", {"default": 1.0, "min": 0.0, "max": 10.0, "step": 0.01}),
+        "start_percent": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 1.0, "step": 0.001}),
+        "end_percent": ("FLOAT", {"default": 1.0, "min": 0.0, "max": 1.0, "step": 0.001}),
+        "control_mode": (MODES, {"default": "balanced"}),
+        "fit": (FITS, {"default": "crop_and_resize", "tooltip": "how the image is fitted to the latent"}),
+    }
+
+
 def attach_control(positive: list, negative: list, make: Any) -> tuple[list, list]:
     """New conditioning lists whose dicts carry one new control per distinct previous control (shared by both)."""
     made: dict[int, Any] = {}
@@ -66,12 +77,7 @@ class ZeroConvApplyControlNet:
         return {
             "required": {
                 "positive": ("CONDITIONING",), "negative": ("CONDITIONING",), "control_net": ("CONTROL_NET",),
-                "image": ("IMAGE",),
-                "strength": ("FLOAT", {"default": 1.0, "min": 0.0, "max": 10.0, "step": 0.01}),
-                "start_percent": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 1.0, "step": 0.001}),
-                "end_percent": ("FLOAT", {"default": 1.0, "min": 0.0, "max": 1.0, "step": 0.001}),
-                "control_mode": (MODES, {"default": "balanced"}),
-                "fit": (FITS, {"default": "crop_and_resize", "tooltip": "how the image is fitted to the latent"}),
+                "image": ("IMAGE",), **control_widgets(),
             },
             "optional": {"vae": ("VAE",), "mask": ("MASK",), "schedule": ("ZEROCONV_SCHEDULE",)},
         }

@@ -12,7 +12,7 @@ import torch
 
 from ..controlnet_model.hint import HintFit
 from ..controlnet_model.schedule import StrengthSchedule
-from .apply import FITS, MODES, settings_from_inputs
+from .apply import control_widgets, settings_from_inputs
 from .comfy_adapter import ControlPart, ZeroConvControl, make_control
 from .common import CATEGORY, host_image_to_hint
 
@@ -29,12 +29,7 @@ class ZeroConvControlUnit:
     def INPUT_TYPES(cls) -> dict:
         return {
             "required": {
-                "control_net": ("CONTROL_NET",), "image": ("IMAGE",),
-                "strength": ("FLOAT", {"default": 1.0, "min": 0.0, "max": 10.0, "step": 0.01}),
-                "start_percent": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 1.0, "step": 0.001}),
-                "end_percent": ("FLOAT", {"default": 1.0, "min": 0.0, "max": 1.0, "step": 0.001}),
-                "control_mode": (MODES, {"default": "balanced"}),
-                "fit": (FITS, {"default": "crop_and_resize"}),
+                "control_net": ("CONTROL_NET",), "image": ("IMAGE",), **control_widgets(),
             },
             "optional": {"stack": ("ZEROCONV_CONTROL_STACK",), "mask": ("MASK",), "schedule": ("ZEROCONV_SCHEDULE",)},
         }

@@ -304,6 +304,7 @@ def save_controlnet(model: ControlNet, path: str | Path, metadata: ControlNetMet
     state = {k: (v.to(dtype) if dtype else v).detach().contiguous().cpu() for k, v in model.state_dict().items()}
     meta = metadata or ControlNetMetadata()
     strings = {**meta.to_strings(), "zeroconv_family": meta.family or model.config.family,
+               "zeroconv_saved_as": path.name,
                "zeroconv_config": model.config.to_json(), "zeroconv_content_hash": content_hash(state),
                "zeroconv_format": "ldm"}
     _atomic_safetensors(state, path, strings)

@@ -43,8 +43,31 @@ def resolve_controlnet(name: str) -> Path:
     if matches:
         logger.warning("ControlNet %r not found as written; using %s (same name after normalising)", name, matches[0])
         return matches[0]
+    recorded = _find_by_metadata(name, folders)
+    if recorded is not None:
+        logger.warning("ControlNet %r not found by name; using %s (its metadata names it)", name, recorded)
+        return recorded
     where = ", ".join(str(f) for f in folders) or "no ControlNet folder (set ZEROCONV_CONTROLNET_DIR outside ComfyUI)"
     raise FileNotFoundError(f"ControlNet file {name!r} was not found in {where}; put the file there or pick another")
+
+
+def _find_by_metadata(name: str, folders: list[Path]) -> Path | None:
+    """A renamed native file: its metadata records the name it was saved as and its content hash."""
+    from safetensors import safe_open
+
+    wanted = Path(name.replace("\\", "/")).name
+    stem = Path(wanted).stem.lower()
+    for folder in folders:
+        for path in sorted(folder.rglob("*.safetensors")) if folder.is_dir() else []:
+            try:
+                with safe_open(str(path), framework="pt") as f:
+                    meta = f.metadata() or {}
+            except Exception:  # unreadable files are reported when loaded, not while searching
+                continue
+            digest = meta.get("zeroconv_content_hash", "")
+            if meta.get("zeroconv_saved_as") == wanted or (len(stem) >= 8 and digest.startswith(stem)):
+                return path
+    return None
 
 
 def host_image_to_hint(image: torch.Tensor) -> torch.Tensor:

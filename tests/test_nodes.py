@@ -67,6 +67,13 @@ def test_loader_lists_and_resolves_renamed_files(folder) -> None:
     assert isinstance(control, ZeroConvControl)
     again = ZeroConvLoadControlNet().load("control_canny.safetensors")[0]
     assert again.parts[0].controlnet is control.parts[0].controlnet, "cached per file"
+    (folder / "depth.safetensors").rename(folder / "renamed by user.safetensors")
+    by_metadata = ZeroConvLoadControlNet().load("old/depth.safetensors")[0]
+    assert by_metadata.parts[0].name == "renamed by user.safetensors"
+    from zeroconv.controlnet_model.checkpoint import read_metadata
+
+    digest = read_metadata(folder / "renamed by user.safetensors").content_hash
+    assert ZeroConvLoadControlNet().load(f"{digest[:12]}.safetensors")[0].parts[0].name == "renamed by user.safetensors"
     with pytest.raises(FileNotFoundError, match="not found"):
         ZeroConvLoadControlNet().load("missing.safetensors")
 

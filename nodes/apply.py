@@ -6,6 +6,7 @@ from typing import Any
 
 import torch
 
+from ..controlnet_model.accelerate import Acceleration
 from ..controlnet_model.hint import HintFit
 from ..controlnet_model.residuals import ControlMode, ControlSettings
 from ..controlnet_model.schedule import StrengthSchedule
@@ -14,6 +15,7 @@ from .common import CATEGORY, host_image_to_hint
 
 MODES = [m.value for m in ControlMode]
 FITS = [f.value for f in HintFit]
+ACCELERATIONS = [a.value for a in Acceleration]
 
 
 def control_widgets() -> dict:
@@ -24,6 +26,8 @@ def control_widgets() -> dict:
         "end_percent": ("FLOAT", {"default": 1.0, "min": 0.0, "max": 1.0, "step": 0.001}),
         "control_mode": (MODES, {"default": "balanced"}),
         "fit": (FITS, {"default": "crop_and_resize", "tooltip": "how the image is fitted to the latent"}),
+        "accelerate": (ACCELERATIONS, {"default": "none",
+                                       "tooltip": "compile or CUDA-graph the ControlNet forward (CUDA only)"}),
     }
 
 
@@ -50,13 +54,16 @@ def settings_from_inputs(strength: float, start_percent: float, end_percent: flo
                            mode=ControlMode(control_mode), mask=mask, schedule=schedule)
 
 
-def controlled(control_net: Any, hint: torch.Tensor, settings: ControlSettings, fit: str, vae: Any) -> Any:
+def controlled(control_net: Any, hint: torch.Tensor, settings: ControlSettings, fit: str, vae: Any,
+               acceleration: str = "none") -> Any:
     """A ready control object from ours (all options) or a core CONTROL_NET (balanced, no mask/schedule)."""
     if isinstance(control_net, ZeroConvControl):
-        return make_control(tuple(p.applied(hint, settings, HintFit(fit)) for p in control_net.parts))
-    if settings.mode is not ControlMode.BALANCED or settings.mask is not None or settings.schedule is not None:
-        raise ValueError("modes other than balanced, masks and schedules need a ControlNet loaded by ZeroConv's "
-                         "loader; this one came from another loader")
+        return make_control(tuple(p.applied(hint, settings, HintFit(fit)).with_acceleration(acceleration)
+                                  for p in control_net.parts))
+    if acceleration != "none" or settings.mode is not ControlMode.BALANCED or settings.mask is not None \
+            or settings.schedule is not None:
+        raise ValueError("modes other than balanced, masks, schedules and acceleration need a ControlNet loaded "
+                         "by ZeroConv's loader; this one came from another loader")
     return control_net.copy().set_cond_hint(hint, settings.strength, (settings.start_percent, settings.end_percent),
                                             vae=vae)
 
@@ -84,12 +91,13 @@ class ZeroConvApplyControlNet:
 
     def apply(self, positive: list, negative: list, control_net: Any, image: torch.Tensor, strength: float,
               start_percent: float, end_percent: float, control_mode: str = "balanced", fit: str = "crop_and_resize",
-              vae: Any = None, mask: torch.Tensor | None = None, schedule: StrengthSchedule | None = None) -> tuple:
+              accelerate: str = "none", vae: Any = None, mask: torch.Tensor | None = None,
+              schedule: StrengthSchedule | None = None) -> tuple:
         if strength == 0.0:
             return (positive, negative)
         settings = settings_from_inputs(strength, start_percent, end_percent, control_mode, mask, schedule)
         hint = host_image_to_hint(image)
-        control = controlled(control_net, hint, settings, fit, vae)
+        control = controlled(control_net, hint, settings, fit, vae, accelerate)
         return attach_control(positive, negative, lambda previous: control.copy().set_previous_controlnet(previous))
 
 

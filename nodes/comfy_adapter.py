@@ -16,6 +16,7 @@ from typing import Any, Callable
 
 import torch
 
+from ..controlnet_model.accelerate import Acceleration, accelerate
 from ..controlnet_model.config import ControlNetConfig, check_compatible
 from ..controlnet_model.hint import HintFit, fit_hint
 from ..controlnet_model.network import ControlNet
@@ -34,12 +35,16 @@ class ControlPart:
     fit: HintFit = HintFit.CROP_AND_RESIZE
     name: str = "the ControlNet"  # file name, for error messages
     composed: bool = False  # made by the compose node: keeps its own image, range, mask and mode
+    acceleration: Acceleration = Acceleration.NONE  # compile / CUDA graphs for the forward (CUDA only)
 
     def applied(self, image: torch.Tensor, settings: ControlSettings, fit: HintFit) -> "ControlPart":
         """This part under an apply node: a composed part keeps its own settings and only scales its strength."""
         if self.composed:
             return replace(self, settings=replace(self.settings, strength=self.settings.strength * settings.strength))
         return replace(self, image=image, settings=settings, fit=fit)
+
+    def with_acceleration(self, mode: Acceleration | str) -> "ControlPart":
+        return replace(self, acceleration=Acceleration(mode))
 
 
 def comfy_available() -> bool:
@@ -62,12 +67,14 @@ class ZeroConvControl:
         self._model_sampling: Any = None
         self._units: dict[tuple, tuple[ControlUnit, ...]] = {}  # per latent shape, for this sampling run
         self._patchers: list[Any] = []
+        self._accelerated: dict[tuple[int, Acceleration], Any] = {}  # graphs live as long as this object
 
     # ---- the ControlBase protocol ------------------------------------------------------------------------
     def copy(self) -> "ZeroConvControl":
         new = make_control(self.parts)
         new.strength, new.timestep_percent_range = self.strength, self.timestep_percent_range
         new.cond_hint_original, new._patchers = self.cond_hint_original, self._patchers
+        new._accelerated = self._accelerated
         return new
 
     def set_cond_hint(self, cond_hint: torch.Tensor, strength: float = 1.0,
@@ -145,9 +152,15 @@ class ZeroConvControl:
                 hint = _broadcast(hint, x.shape[0], batched_number).to(part.controlnet.dtype)
                 with torch.no_grad():
                     encoded = part.controlnet.encode_hint(hint.to(next(part.controlnet.parameters()).device))
-                units.append(ControlUnit(part.controlnet, hint, part.settings, encoded))
+                units.append(ControlUnit(self._net(part), hint, part.settings, encoded))
             self._units[key] = tuple(units)
         return self._units[key]
+
+    def _net(self, part: ControlPart) -> Any:
+        key = (id(part.controlnet), part.acceleration)
+        if key not in self._accelerated:
+            self._accelerated[key] = accelerate(part.controlnet, part.acceleration)
+        return self._accelerated[key]
 
     def _host_patchers(self) -> list:
         """Hand the ControlNets to ComfyUI's memory manager (load, offload, dtype) when running inside it."""

@@ -10,6 +10,7 @@ from typing import Any
 
 import torch
 
+from ..controlnet_model.accelerate import Acceleration
 from ..controlnet_model.hint import HintFit
 from ..controlnet_model.schedule import StrengthSchedule
 from .apply import control_widgets, settings_from_inputs
@@ -35,14 +36,14 @@ class ZeroConvControlUnit:
         }
 
     def add(self, control_net: Any, image: torch.Tensor, strength: float, start_percent: float, end_percent: float,
-            control_mode: str = "balanced", fit: str = "crop_and_resize", stack: tuple = (),
+            control_mode: str = "balanced", fit: str = "crop_and_resize", accelerate: str = "none", stack: tuple = (),
             mask: torch.Tensor | None = None, schedule: StrengthSchedule | None = None) -> tuple:
         if not isinstance(control_net, ZeroConvControl):
             raise ValueError("composition needs ControlNets loaded by ZeroConv's loader; chain core apply nodes instead")
         settings = settings_from_inputs(strength, start_percent, end_percent, control_mode, mask, schedule)
         hint = host_image_to_hint(image)
-        parts = tuple(ControlPart(p.controlnet, hint, settings, HintFit(fit), p.name, composed=True)
-                      for p in control_net.parts)
+        parts = tuple(ControlPart(p.controlnet, hint, settings, HintFit(fit), p.name, composed=True,
+                                  acceleration=Acceleration(accelerate)) for p in control_net.parts)
         return (tuple(stack) + parts,)
 
 

@@ -1,0 +1,162 @@
+"""Writes the shipped UI-format workflows from compact specs (data below), using the node classes' own layouts.
+
+    python workflows/build_workflows.py      # rewrites workflows/*.json listed in WORKFLOWS
+
+Widget order, sockets and output types come from each node's INPUT_TYPES/RETURN_TYPES (our nodes and the core
+ids `zeroconv run` implements with ComfyUI's layouts), so a file cannot drift from the nodes it names.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from zeroconv.workflow_runner import default_registry
+from zeroconv.workflow_runner.graph import declared_inputs, frontend_extras, is_widget, spec_options
+
+HERE = Path(__file__).resolve().parent
+SD15 = "v1-5-pruned-emaonly.safetensors"
+SDXL = "sd_xl_base_1.0.safetensors"
+NEGATIVE = "lowres, bad anatomy, worst quality, low quality"
+
+
+def _sd15_graph(controls: list[dict], prompt: str, size: int = 512, ckpt: str = SD15, compose: bool = False,
+                mask_image: str | None = None) -> dict[str, dict]:
+    """Checkpoint, prompts, ControlNet(s) + apply, sampler, decode, save: the graph every workflow shares."""
+    nodes: dict[str, dict] = {
+        "ckpt": {"type": "CheckpointLoaderSimple", "widgets": {"ckpt_name": ckpt}},
+        "pos": {"type": "CLIPTextEncode", "widgets": {"text": prompt}, "links": {"clip": ("ckpt", 1)}},
+        "neg": {"type": "CLIPTextEncode", "widgets": {"text": NEGATIVE}, "links": {"clip": ("ckpt", 1)}},
+        "latent": {"type": "EmptyLatentImage", "widgets": {"width": size, "height": size, "batch_size": 1}},
+    }
+    for i, control in enumerate(controls):
+        nodes[f"img{i}"] = {"type": "LoadImage", "widgets": {"image": control["image"]}}
+        nodes[f"cn{i}"] = {"type": "ZeroConvLoadControlNet", "widgets": {"control_net_name": control["file"]}}
+    apply_links = {"positive": ("pos", 0), "negative": ("neg", 0), "image": ("img0", 0)}
+    if compose:
+        previous = None
+        for i, control in enumerate(controls):
+            links = {"control_net": (f"cn{i}", 0), "image": (f"img{i}", 0)}
+            if previous:
+                links["stack"] = (previous, 0)
+            nodes[f"unit{i}"] = {"type": "ZeroConvControlUnit", "widgets": control.get("widgets", {}), "links": links}
+            previous = f"unit{i}"
+        nodes["compose"] = {"type": "ZeroConvComposeControlNets", "links": {"stack": (previous, 0)}}
+        apply_links["control_net"] = ("compose", 0)
+    else:
+        apply_links["control_net"] = ("cn0", 0)
+    if mask_image:
+        nodes["maskimg"] = {"type": "LoadImage", "widgets": {"image": mask_image}}
+        apply_links["mask"] = ("maskimg", 1)
+    nodes["apply"] = {"type": "ZeroConvApplyControlNet", "widgets": controls[0].get("apply", {}), "links": apply_links}
+    nodes["sampler"] = {"type": "KSampler",
+                        "widgets": {"seed": 12345, "steps": 20, "cfg": 7.0, "sampler_name": "euler",
+                                    "scheduler": "normal", "denoise": 1.0},
+                        "links": {"model": ("ckpt", 0), "positive": ("apply", 0), "negative": ("apply", 1),
+                                  "latent_image": ("latent", 0)}}
+    nodes["decode"] = {"type": "VAEDecode", "links": {"samples": ("sampler", 0), "vae": ("ckpt", 2)}}
+    nodes["save"] = {"type": "SaveImage", "widgets": {"filename_prefix": "zeroconv"}, "links": {"images": ("decode", 0)}}
+    return nodes
+
+
+WORKFLOWS: dict[str, dict[str, Any]] = {
+    "controlnet_canny_sd15": dict(
+        note="Expects models/checkpoints/v1-5-pruned-emaonly.safetensors, models/controlnet/"
+             "control_v11p_sd15_canny_fp16.safetensors, and input/canny_edges.png (white edges on black).",
+        graph=_sd15_graph([{"file": "control_v11p_sd15_canny_fp16.safetensors", "image": "canny_edges.png"}],
+                          "a cute bird sitting on a branch, best quality")),
+    "controlnet_depth_sd15": dict(
+        note="Expects v1-5-pruned-emaonly.safetensors, control_v11f1p_sd15_depth_fp16.safetensors and "
+             "input/depth_map.png (near = bright).",
+        graph=_sd15_graph([{"file": "control_v11f1p_sd15_depth_fp16.safetensors", "image": "depth_map.png"}],
+                          "a cozy living room, warm light")),
+    "controlnet_openpose_sd15": dict(
+        note="Expects v1-5-pruned-emaonly.safetensors, control_v11p_sd15_openpose_fp16.safetensors and "
+             "input/pose.png (an OpenPose skeleton drawing).",
+        graph=_sd15_graph([{"file": "control_v11p_sd15_openpose_fp16.safetensors", "image": "pose.png"}],
+                          "a chef in a kitchen, full body")),
+    "controlnet_scribble_sd15": dict(
+        note="Expects v1-5-pruned-emaonly.safetensors, control_v11p_sd15_scribble_fp16.safetensors and "
+             "input/scribble.png (white strokes on black).",
+        graph=_sd15_graph([{"file": "control_v11p_sd15_scribble_fp16.safetensors", "image": "scribble.png"}],
+                          "a house by a lake")),
+    "controlnet_compose_pose_depth_sd15": dict(
+        note="Two controls composed in one pass (paper Fig. 7): openpose + depth. Expects the two v1.1 files, "
+             "input/pose.png and input/depth_map.png. Add more ZeroConvControlUnit nodes to the chain for more.",
+        graph=_sd15_graph([{"file": "control_v11p_sd15_openpose_fp16.safetensors", "image": "pose.png",
+                            "widgets": {"strength": 1.0}},
+                           {"file": "control_v11f1p_sd15_depth_fp16.safetensors", "image": "depth_map.png",
+                            "widgets": {"strength": 0.6}}], "a dancer on a stage", compose=True)),
+    "controlnet_coarse_first_half_sd15": dict(
+        note="Coarse control (paper Fig. 27): the ControlNet acts only in the first half of the steps. "
+             "Expects v1-5-pruned-emaonly.safetensors, control_v11p_sd15_scribble_fp16.safetensors, input/scribble.png.",
+        graph=_sd15_graph([{"file": "control_v11p_sd15_scribble_fp16.safetensors", "image": "scribble.png",
+                            "apply": {"end_percent": 0.5}}], "a castle on a hill")),
+    "controlnet_masked_sd15": dict(
+        note="Masked control (paper Fig. 16): the control acts only where input/mask.png is transparent "
+             "(LoadImage's MASK). Expects v1-5-pruned-emaonly.safetensors, control_v11p_sd15_canny_fp16.safetensors, "
+             "input/canny_edges.png and input/mask.png.",
+        graph=_sd15_graph([{"file": "control_v11p_sd15_canny_fp16.safetensors", "image": "canny_edges.png"}],
+                          "a vase of flowers on a table", mask_image="mask.png")),
+    "controlnet_canny_sdxl": dict(
+        note="SDXL canny. Expects models/checkpoints/sd_xl_base_1.0.safetensors, models/controlnet/"
+             "diffusers_xl_canny_full.safetensors (or controlnet-canny-sdxl-1.0) and input/canny_edges.png.",
+        graph=_sd15_graph([{"file": "diffusers_xl_canny_full.safetensors", "image": "canny_edges.png"}],
+                          "a futuristic city at dusk, highly detailed", size=1024, ckpt=SDXL)),
+}
+
+
+def _widget_values(cls: type, given: dict[str, Any]) -> list[Any]:
+    values = []
+    for name, spec, _ in declared_inputs(cls):
+        if not is_widget(spec):
+            continue
+        value = given.get(name, spec_options(spec).get("default"))
+        if value is None:
+            options = spec[0] if isinstance(spec[0], (list, tuple)) else []
+            value = options[0] if options else ""
+        values.append(value)
+        extras = frontend_extras(name, spec)
+        if extras:
+            values.append("fixed" if "fixed" in extras else "image")
+    return values
+
+
+def build(spec: dict[str, Any]) -> dict:
+    """A schema-0.4 UI workflow from a node graph spec plus a Note node."""
+    registry, graph = default_registry(), spec["graph"]
+    ids = {key: i + 1 for i, key in enumerate(graph)}
+    links, nodes = [], []
+    for key, node in graph.items():
+        cls = registry[node["type"]]
+        sockets = [{"name": n, "type": s[0], "link": None} for n, s, _ in declared_inputs(cls)
+                   if not is_widget(s) and n in node.get("links", {})]
+        for socket in sockets:
+            src, slot = node["links"][socket["name"]]
+            link_id = len(links) + 1
+            links.append([link_id, ids[src], slot, ids[key], sockets.index(socket), socket["type"]])
+            socket["link"] = link_id
+        outputs = [{"name": t, "type": t, "links": [], "slot_index": i} for i, t in enumerate(cls.RETURN_TYPES)]
+        nodes.append({"id": ids[key], "type": node["type"], "pos": [40 + 320 * (len(nodes) % 5), 80 + 260 * (len(nodes) // 5)],
+                      "size": [300, 120], "flags": {}, "order": len(nodes), "mode": 0, "inputs": sockets,
+                      "outputs": outputs, "properties": {"Node name for S&R": node["type"]},
+                      "widgets_values": _widget_values(cls, node.get("widgets", {}))})
+    by_id = {n["id"]: n for n in nodes}
+    for link_id, origin, slot, *_ in links:
+        by_id[origin]["outputs"][slot]["links"].append(link_id)
+    note_id = len(nodes) + 1
+    nodes.append({"id": note_id, "type": "Note", "pos": [40, -160], "size": [600, 120], "flags": {}, "order": note_id - 1,
+                  "mode": 0, "properties": {}, "widgets_values": [spec["note"]]})
+    return {"last_node_id": note_id, "last_link_id": len(links), "nodes": nodes, "links": links, "groups": [],
+            "config": {}, "extra": {"ds": {"scale": 1.0, "offset": [0, 0]}}, "version": 0.4}
+
+
+def main() -> int:
+    for name, spec in WORKFLOWS.items():
+        (HERE / f"{name}.json").write_text(json.dumps(build(spec), indent=1) + "\n")
+        print(f"wrote workflows/{name}.json")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -218,6 +218,9 @@ def run_control(unit: ControlUnit, x: torch.Tensor, timesteps: torch.Tensor, con
     strength = settings.strength_at(percent)
     if strength == 0.0:
         return None
+    if settings.mask is not None and settings.mask.shape[0] not in (1, x.shape[0]):
+        raise ValueError(f"the mask has a batch of {settings.mask.shape[0]} but the latent batch is {x.shape[0]}; "
+                         "give one mask or one per latent")
     rows = cond_rows if (MODE_RULES[settings.mode].cond_only or cfg.global_average_pooling) else None
     if rows is not None and rows.all():
         rows = None

@@ -73,6 +73,7 @@ SCRIPT = textwrap.dedent("""
         "core": nodes.ControlNetApplyAdvanced().apply_controlnet(pos, neg, core_cn, image, 0.8, 0.0, 0.6),
         "ours": apply.apply(pos, neg, our_cn, image, 0.8, 0.0, 0.6),
         "ours_in_core_apply": nodes.ControlNetApplyAdvanced().apply_controlnet(pos, neg, our_cn, image, 0.8, 0.0, 0.6),
+        "core_in_our_apply": apply.apply(pos, neg, core_cn, image, 0.8, 0.0, 0.6),
         "none": (pos, neg),
     }}.items():
         out[label] = nodes.common_ksampler(model, 42, 6, 7.0, "euler", "normal", p, n, latent)[0]["samples"]
@@ -90,3 +91,4 @@ def test_our_nodes_match_core_in_comfyui() -> None:
     assert diffs["none"] > 1e-3 * diffs["scale"], "the control must change the result"
     assert diffs["ours"] < 1e-4 * diffs["scale"]
     assert diffs["ours_in_core_apply"] < 1e-4 * diffs["scale"]
+    assert diffs["core_in_our_apply"] < 1e-4 * diffs["scale"]

@@ -77,6 +77,13 @@ def test_mask_confines_the_effect(tiny_unet, tiny_controlnet, tiny_inputs) -> No
     assert not torch.equal(plain, masked)
 
 
+def test_mask_of_another_batch_is_explained(tiny_controlnet, tiny_inputs) -> None:
+    with pytest.raises(ValueError, match="mask has a batch of 3"):
+        _run(_unit(tiny_controlnet, tiny_inputs, mask=torch.ones(3, 16, 16)), tiny_inputs)
+    small = _run(_unit(tiny_controlnet, tiny_inputs, mask=torch.ones(1, 5, 7)), tiny_inputs)  # any size: resized
+    assert small is not None
+
+
 def test_mode_scales_are_the_documented_ones() -> None:
     sd15_heights = [64, 64, 64, 32, 32, 32, 16, 16, 16, 8, 8, 8, 8]
     soft = output_scales(ControlMode.PROMPT_MORE_IMPORTANT, sd15_heights)

@@ -11,6 +11,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+from zeroconv.annotators.registry import ANNOTATORS
 from zeroconv.workflow_runner import default_registry
 from zeroconv.workflow_runner.graph import declared_inputs, frontend_extras, is_widget, spec_options
 
@@ -104,6 +105,19 @@ WORKFLOWS: dict[str, dict[str, Any]] = {
         graph=_sd15_graph([{"file": "diffusers_xl_canny_full.safetensors", "image": "canny_edges.png"}],
                           "a futuristic city at dusk, highly detailed", size=1024, ckpt=SDXL)),
 }
+
+for _spec in ANNOTATORS.values():
+    WORKFLOWS[f"annotator_{_spec.name}"] = dict(
+        note=f"{_spec.display_name}: turns input/example.png into the control map for {', '.join(_spec.control_types)} "
+             "ControlNets and saves it. No model files needed.",
+        graph={"img": {"type": "LoadImage", "widgets": {"image": "example.png"}},
+               "annotate": {"type": _spec.node_id, "links": {"image": ("img", 0)}},
+               "save": {"type": "SaveImage", "widgets": {"filename_prefix": f"zeroconv_{_spec.name}"},
+                        "links": {"images": ("annotate", 0)}}})
+WORKFLOWS["annotator_pose_from_json"] = dict(
+    note="Draw an OpenPose skeleton from keypoint JSON (pose by hand); feeds openpose ControlNets. No files needed.",
+    graph={"pose": {"type": "ZeroConvPoseFromJSON"},
+           "save": {"type": "SaveImage", "widgets": {"filename_prefix": "zeroconv_pose"}, "links": {"images": ("pose", 0)}}})
 
 
 def _widget_values(cls: type, given: dict[str, Any]) -> list[Any]:

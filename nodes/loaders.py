@@ -1,11 +1,15 @@
 """Loader node: any ControlNet file to a CONTROL_NET that our and ComfyUI's apply nodes accept."""
 from __future__ import annotations
 
+import logging
 from typing import Any
 
+from ..annotators.registry import suggest_annotator
 from ..controlnet_model.checkpoint import load_controlnet, load_controlnet_cached
 from .comfy_adapter import ControlPart, make_control
 from .common import CATEGORY, list_controlnets, resolve_controlnet
+
+logger = logging.getLogger(__name__)
 
 
 class ZeroConvLoadControlNet:
@@ -27,6 +31,10 @@ class ZeroConvLoadControlNet:
             loaded = load_controlnet_cached(path)
         else:  # relative to this base model: not cached across models
             loaded = load_controlnet(path, base_unet=model.model.diffusion_model)
+        if loaded.metadata.control_type:
+            suggestion = suggest_annotator(loaded.metadata.control_type)
+            logger.info("%s is a %s ControlNet; make its condition with the %s annotator", path.name,
+                        loaded.metadata.control_type, suggestion or loaded.metadata.annotator or "matching")
         return (make_control((ControlPart(loaded.model, name=path.name),)),)
 
 

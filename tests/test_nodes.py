@@ -211,3 +211,15 @@ def test_cleanup_leaves_no_state(tiny_unet, tiny_controlnet) -> None:
     for _ in range(20):
         _sample_call(control, tiny_unet)
     assert control._units == {} and control._model_sampling is None and set(vars(tiny_unet)) == before
+
+
+def test_loader_suggests_the_annotator_from_metadata(tmp_path, monkeypatch, tiny_controlnet, caplog) -> None:
+    import logging
+
+    from zeroconv.controlnet_model.checkpoint import ControlNetMetadata
+
+    monkeypatch.setenv("ZEROCONV_CONTROLNET_DIR", str(tmp_path))
+    save_controlnet(tiny_controlnet, tmp_path / "mine.safetensors", ControlNetMetadata(control_type="mlsd"))
+    with caplog.at_level(logging.INFO):
+        ZeroConvLoadControlNet().load("mine.safetensors")
+    assert "mlsd ControlNet" in caplog.text and "lines annotator" in caplog.text

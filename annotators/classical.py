@@ -67,7 +67,7 @@ def synthesize_scribble(image: np.ndarray, seed: int) -> np.ndarray:
     """
     rng = np.random.default_rng(seed)
     edges = random_canny(image, rng)[..., 0]
-    thin = _nms(cv2.dilate(edges, np.ones((3, 3), np.uint8)), threshold=127, sigma=3.0)
+    thin = _nms(cv2.dilate(edges, np.ones((3, 3), np.uint8)), threshold=30, sigma=3.0)
     scribble = (cv2.GaussianBlur(thin.astype(np.float32), (0, 0), 3.0) > 4).astype(np.uint8) * 255
     size = int(rng.integers(1, 4))
     kernel = np.ones((size, size), np.uint8)

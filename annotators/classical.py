@@ -157,3 +157,19 @@ def inpaint_hint(image: np.ndarray, mask: np.ndarray) -> np.ndarray:
         m = cv2.resize(m, (rgb.shape[1], rgb.shape[0]), interpolation=cv2.INTER_LINEAR)
     rgb[m > 0.5] = -1.0
     return rgb
+
+
+def canny_kornia(images: "torch.Tensor", low_threshold: int = 100, high_threshold: int = 200) -> "torch.Tensor":
+    """Canny on a (B, 3, H, W) float 0..1 batch with kornia, on whatever device the batch is (the GPU path).
+
+    Thresholds are on OpenCV's 0..255 scale; kornia works on 0..1 images with a normalised Sobel and an L2
+    magnitude, so they are divided by 255 * 4 (chosen by measurement). Agreement with `canny` on synthetic scenes:
+    F1 0.89-1.00 within 1 px (tests/test_annotators_classical.py asserts >= 0.85); the maps differ, not the edges.
+    """
+    import kornia
+
+    grey = kornia.color.rgb_to_grayscale(images)
+    scale = 255.0 * 4.0
+    _, edges = kornia.filters.canny(grey, low_threshold / scale, high_threshold / scale, kernel_size=(3, 3),
+                                    sigma=(0.5, 0.5))
+    return edges.expand(-1, 3, -1, -1)

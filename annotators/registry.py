@@ -31,11 +31,13 @@ class AnnotatorSpec:
         return getattr(classical, self.fn)
     seeded: bool = False  # takes seed=
     control_types: tuple[str, ...] = ()  # ControlNet types whose condition this makes
+    torch_fn: str | None = None  # batched torch version in classical.py, used on a CUDA device
 
 
 ANNOTATORS: dict[str, AnnotatorSpec] = {s.name: s for s in (
     AnnotatorSpec("canny", "ZeroConvCannyEdge", "Canny Edges (ZeroConv)", "canny",
-                  (Param("low_threshold", "INT", 100), Param("high_threshold", "INT", 200)), control_types=("canny",)),
+                  (Param("low_threshold", "INT", 100), Param("high_threshold", "INT", 200)), control_types=("canny",),
+                  torch_fn="canny_kornia"),
     AnnotatorSpec("scribble_synthesis", "ZeroConvScribbleSynthesis", "Scribble from Picture (ZeroConv)",
                   "synthesize_scribble", seeded=True, control_types=("scribble",)),
     AnnotatorSpec("scribble_clean", "ZeroConvScribbleClean", "Clean User Scribble (ZeroConv)",
@@ -71,6 +73,20 @@ def _resize(image: np.ndarray, short_side: int) -> np.ndarray:
     scale = short_side / min(h, w)
     size = (max(1, round(w * scale)), max(1, round(h * scale)))
     return cv2.resize(image, size, interpolation=cv2.INTER_AREA if scale < 1 else cv2.INTER_CUBIC)
+
+
+def annotate_on_device(name: str, images: np.ndarray, device: str, **params: Any) -> np.ndarray:
+    """A batch (N, H, W, 3) uint8 through the annotator's torch version on `device` (e.g. Canny with kornia)."""
+    import torch
+
+    from . import classical
+
+    spec = ANNOTATORS[name]
+    if spec.torch_fn is None:
+        raise ValueError(f"the {name} annotator has no GPU version; run it with device=None")
+    batch = torch.from_numpy(images).to(device).permute(0, 3, 1, 2).float() / 255.0
+    out = getattr(classical, spec.torch_fn)(batch, **params)
+    return (out.permute(0, 2, 3, 1) * 255).round().to(torch.uint8).cpu().numpy()
 
 
 def annotate(name: str, image: np.ndarray, detect_resolution: int = 512, seed: int = 0, **params: Any) -> np.ndarray:

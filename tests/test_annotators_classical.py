@@ -117,3 +117,25 @@ def test_suggested_annotator_follows_the_control_type() -> None:
     assert suggest_annotator("unknown") is None
     with pytest.raises(ValueError, match="unknown annotator"):
         annotate("nope", np.zeros((8, 8, 3), np.uint8))
+
+
+def test_kornia_canny_agrees_with_opencv_within_one_pixel() -> None:
+    pytest.importorskip("kornia", reason="the GPU Canny path needs kornia (annotators-gpu extra)")
+    from zeroconv.annotators.registry import annotate_on_device
+
+    rng = np.random.default_rng(0)
+    images = []
+    for _ in range(3):
+        image = np.full((128, 128, 3), int(rng.integers(0, 80)), np.uint8)
+        for _ in range(4):
+            colour = tuple(int(v) for v in rng.integers(0, 255, 3))
+            cv2.circle(image, tuple(int(v) for v in rng.integers(20, 108, 2)), int(rng.integers(8, 40)), colour, -1)
+        images.append(image)
+    batch = np.stack(images)
+    ours = annotate_on_device("canny", batch, "cpu")[..., 0] > 0
+    reference = np.stack([classical.canny(im)[..., 0] > 0 for im in images])
+    kernel = np.ones((3, 3), np.uint8)
+    for a, b in zip(reference, ours):
+        precision = (b & (cv2.dilate(a.astype(np.uint8), kernel) > 0)).sum() / max(b.sum(), 1)
+        recall = (a & (cv2.dilate(b.astype(np.uint8), kernel) > 0)).sum() / max(a.sum(), 1)
+        assert 2 * precision * recall / (precision + recall) >= 0.85

@@ -21,8 +21,8 @@ from ..training.base import LockedBase
 logger = logging.getLogger(__name__)
 
 INTERMEDIATE_DEVICE = torch.device("cpu")  # where IMAGE, LATENT and CONDITIONING tensors live between nodes
-# Attribute a LockedBase may carry to say how its encode_images() scales latents (SD1.x: 0.18215).
-LATENT_SCALE_ATTRIBUTE = "latent_scale_factor"
+# Attributes a LockedBase may carry to say how its encode_images() scales latents (SD1.x: 0.18215), first wins.
+LATENT_SCALE_ATTRIBUTES = ("latent_scale_factor", "latent_scale")
 
 
 def _sigma_view(sigma: torch.Tensor, ndim: int) -> torch.Tensor:
@@ -135,11 +135,11 @@ class ModelConfig:
 
 
 def latent_format_of(base: LockedBase) -> LatentFormat:
-    """The latent format of a base: its latent_scale_factor (1.0 if it has none) and U-Net input channels."""
-    scale = getattr(base, LATENT_SCALE_ATTRIBUTE, None)
+    """The latent format of a base: its latent scale (1.0 if it declares none) and U-Net input channels."""
+    scale = next((getattr(base, a) for a in LATENT_SCALE_ATTRIBUTES if getattr(base, a, None) is not None), None)
     if scale is None:
-        logger.debug("%s declares no %s; LATENT holds its encode_images() latents as they are",
-                     base.family, LATENT_SCALE_ATTRIBUTE)
+        logger.debug("%s declares none of %s; LATENT holds its encode_images() latents as they are",
+                     base.family, LATENT_SCALE_ATTRIBUTES)
         scale = 1.0
     return LatentFormat(scale_factor=float(scale), latent_channels=base.unet.config.in_channels)
 

@@ -1,2 +1,7 @@
-"""Control maps from pictures. Offline, weight-free annotators live in classical.py, skeleton drawing in pose.py;
-registry.py lists them as data for the nodes and the training data pipeline."""
+"""Control maps from pictures (controlnet-formats.md §5). Module map:
+
+common.py (image conventions, AnnotatorSpec/ParamSpec), registry.py (the table, `annotate`), classical.py (the
+weight-free specs) with edges.py, scribble.py, normal.py, misc.py; pose.py (OpenPose JSON and drawing);
+weights.py + weights_manifest.json (learned weights: find, download, verify); cli.py (`zeroconv fetch-weights`);
+learned/ (networks with weights, registered into the table when present).
+"""

@@ -1,108 +1,201 @@
-"""The annotators as data: what each computes, its parameters, and the node id that exposes it."""
+"""The annotator table and the one call that runs any of them on an image or a batch (controlnet-formats.md §5.1).
+
+Classical (weight-free) specs come from classical.py; learned ones register themselves from `annotators.learned`,
+which is imported at the end of this module when it exists.
+"""
 from __future__ import annotations
 
-from dataclasses import dataclass
+import importlib
+import importlib.util
+import logging
 from typing import Any, Callable
 
 import numpy as np
 
+from .common import AnnotatorSpec, DetectFit, hwc3, resize, resize_to_detect, short_side_size
 
-@dataclass(frozen=True)
-class Param:
-    name: str
-    kind: str  # "INT", "FLOAT" or "BOOLEAN", as ComfyUI widgets
-    default: Any
-    min: float = 0
-    max: float = 255
-    step: float = 1
+logger = logging.getLogger(__name__)
+
+ANNOTATORS: dict[str, AnnotatorSpec] = {}
+ModelCache = Callable[[AnnotatorSpec, str], Any]  # (spec, device) -> the loaded model
 
 
-@dataclass(frozen=True)
-class AnnotatorSpec:
-    name: str
-    node_id: str  # public API: saved workflows name it
-    display_name: str
-    fn: str  # name in classical.py: HWC uint8 RGB (+ params) -> HWC uint8 RGB; resolved on use (cv2 loads lazily)
-    params: tuple[Param, ...] = ()
-
-    def function(self) -> Callable[..., np.ndarray]:
-        from . import classical
-
-        return getattr(classical, self.fn)
-    seeded: bool = False  # takes seed=
-    control_types: tuple[str, ...] = ()  # ControlNet types whose condition this makes
-    torch_fn: str | None = None  # batched torch version in classical.py, used on a CUDA device
+def register(spec: AnnotatorSpec) -> AnnotatorSpec:
+    """Add an annotator; its name and node id must be new (node ids are public API)."""
+    clash = next((s for s in ANNOTATORS.values() if s.name == spec.name or s.node_id == spec.node_id), None)
+    if clash is not None and clash != spec:
+        raise ValueError(f"annotator {spec.name} ({spec.node_id}) clashes with registered {clash.name} "
+                         f"({clash.node_id}); pick another name and node id")
+    ANNOTATORS[spec.name] = spec
+    return spec
 
 
-ANNOTATORS: dict[str, AnnotatorSpec] = {s.name: s for s in (
-    AnnotatorSpec("canny", "ZeroConvCannyEdge", "Canny Edges (ZeroConv)", "canny",
-                  (Param("low_threshold", "INT", 100), Param("high_threshold", "INT", 200)), control_types=("canny",),
-                  torch_fn="canny_kornia"),
-    AnnotatorSpec("scribble_synthesis", "ZeroConvScribbleSynthesis", "Scribble from Picture (ZeroConv)",
-                  "synthesize_scribble", seeded=True, control_types=("scribble",)),
-    AnnotatorSpec("scribble_clean", "ZeroConvScribbleClean", "Clean User Scribble (ZeroConv)",
-                  "clean_user_scribble", (Param("threshold", "INT", 127),), control_types=("scribble",)),
-    AnnotatorSpec("scribble_xdog", "ZeroConvScribbleXDoG", "XDoG Lines (ZeroConv)", "xdog",
-                  (Param("threshold", "INT", 32),), control_types=("scribble", "lineart")),
-    AnnotatorSpec("lines", "ZeroConvStraightLines", "Straight Lines, Hough (ZeroConv)", "straight_lines",
-                  (Param("threshold", "INT", 50, 1, 500), Param("min_length", "INT", 20, 1, 1000),
-                   Param("max_gap", "INT", 4, 0, 100)), control_types=("mlsd",)),
-    AnnotatorSpec("normal_from_depth", "ZeroConvNormalFromDepth", "Normal from Depth (ZeroConv)",
-                  "normal_from_depth", (Param("background_threshold", "FLOAT", 0.4, 0.0, 1.0, 0.01),),
-                  control_types=("normal",)),
-    AnnotatorSpec("shuffle", "ZeroConvShuffle", "Content Shuffle (ZeroConv)", "shuffle", seeded=True,
-                  control_types=("shuffle",)),
-    AnnotatorSpec("tile", "ZeroConvTileBlur", "Tile Blur (ZeroConv)", "tile", (Param("levels", "INT", 3, 0, 6),),
-                  control_types=("tile",)),
-    AnnotatorSpec("color_grid", "ZeroConvColorGrid", "Colour Grid (ZeroConv)", "color_grid",
-                  (Param("factor", "INT", 64, 2, 256),), control_types=("color",)),
-    AnnotatorSpec("binary", "ZeroConvBinary", "Binary Lines (ZeroConv)", "binary",
-                  (Param("threshold", "INT", 0),), control_types=("scribble",)),
-)}
+def get(name: str) -> AnnotatorSpec:
+    """The spec registered under `name`."""
+    if name not in ANNOTATORS:
+        raise ValueError(f"unknown annotator {name!r}; choose one of {sorted(ANNOTATORS)}")
+    return ANNOTATORS[name]
 
 
 def suggest_annotator(control_type: str) -> str | None:
-    """The annotator that makes a ControlNet type's condition (from a checkpoint's metadata)."""
-    return next((s.name for s in ANNOTATORS.values() if control_type in s.control_types), None)
+    """The annotator that makes a ControlNet type's condition: the one named like it, else the first that feeds it."""
+    feeding = [s.name for s in ANNOTATORS.values() if control_type in s.control_types]
+    return control_type if control_type in feeding else (feeding[0] if feeding else None)
 
 
-def _resize(image: np.ndarray, short_side: int) -> np.ndarray:
-    import cv2
+class LocalModels:
+    """In-process model cache for the library path, keyed by (annotator, device); loads each model once."""
 
-    h, w = image.shape[:2]
-    scale = short_side / min(h, w)
-    size = (max(1, round(w * scale)), max(1, round(h * scale)))
-    return cv2.resize(image, size, interpolation=cv2.INTER_AREA if scale < 1 else cv2.INTER_CUBIC)
+    def __init__(self) -> None:
+        self._models: dict[tuple[str, str], Any] = {}
+
+    def __call__(self, spec: AnnotatorSpec, device: str) -> Any:
+        key = (spec.name, device)
+        if key not in self._models:
+            logger.info("loading the %s annotator model on %s", spec.name, device)
+            self._models[key] = spec.loader(device)
+        return self._models[key]
+
+    def free(self, name: str | None = None) -> None:
+        """Drop cached models (all, or one annotator's)."""
+        for key in [k for k in self._models if name is None or k[0] == name]:
+            del self._models[key]
 
 
-def annotate_on_device(name: str, images: np.ndarray, device: str, **params: Any) -> np.ndarray:
-    """A batch (N, H, W, 3) uint8 through the annotator's torch version on `device` (e.g. Canny with kornia)."""
+LOCAL_MODELS = LocalModels()
+
+
+def _cuda_available() -> bool:
+    if importlib.util.find_spec("torch") is None:
+        return False
     import torch
 
-    from . import classical
-
-    spec = ANNOTATORS[name]
-    if spec.torch_fn is None:
-        raise ValueError(f"the {name} annotator has no GPU version; run it with device=None")
-    batch = torch.from_numpy(images).to(device).permute(0, 3, 1, 2).float() / 255.0
-    out = getattr(classical, spec.torch_fn)(batch, **params)
-    return (out.permute(0, 2, 3, 1) * 255).round().to(torch.uint8).cpu().numpy()
+    return torch.cuda.is_available()
 
 
-def annotate(name: str, image: np.ndarray, detect_resolution: int = 512, seed: int = 0, **params: Any) -> np.ndarray:
-    """Run an annotator on one HWC or a batch of NHWC uint8 images; the map comes back at the input size."""
-    if name not in ANNOTATORS:
-        raise ValueError(f"unknown annotator {name!r}; choose one of {sorted(ANNOTATORS)}")
-    import cv2
+def resolve_device(spec: AnnotatorSpec, device: str | None) -> tuple[str, bool]:
+    """(device, use batch_fn): where the annotator runs; a requested GPU that cannot be used is logged, not hidden."""
+    wants_gpu = device is not None and device != "cpu"
+    if spec.loader is None:
+        missing = [m for m in spec.batch_requires if importlib.util.find_spec(m) is None]
+        if wants_gpu and (spec.batch_fn is None or missing):
+            why = f"{', '.join(missing)} is not installed" if missing else "it has no GPU version"
+            logger.warning("%s runs on the CPU instead of %s: %s", spec.name, device, why)
+        if not wants_gpu or spec.batch_fn is None or missing:
+            return "cpu", False
+    if device is None:
+        device = "cuda" if _cuda_available() else "cpu"
+        logger.debug("%s runs on %s", spec.name, device)
+    elif device.startswith("cuda") and not _cuda_available():
+        logger.warning("%s: device %s was asked for but CUDA is not available; it runs on the CPU", spec.name, device)
+        if spec.loader is None:
+            return "cpu", False
+        device = "cpu"
+    return device, spec.batch_fn is not None
 
-    from .classical import hwc3
 
-    spec = ANNOTATORS[name]
+def _as_batch(image: np.ndarray) -> tuple[np.ndarray, bool]:
+    if image.ndim in (2, 3):
+        return hwc3(image)[None], True
     if image.ndim == 4:
-        return np.stack([annotate(name, im, detect_resolution, seed + i, **params) for i, im in enumerate(image)])
-    image = hwc3(image)
-    h, w = image.shape[:2]
-    work = _resize(image, detect_resolution) if detect_resolution else image
-    fn = spec.function()
-    out = fn(work, seed=seed, **params) if spec.seeded else fn(work, **params)
-    return out if out.shape[:2] == (h, w) else cv2.resize(out, (w, h), interpolation=cv2.INTER_NEAREST)
+        return np.stack([hwc3(im) for im in image]), False
+    raise ValueError(f"annotate takes an HWC image or an (N, H, W, C) batch, got shape {image.shape}")
+
+
+def _output_hw(height: int, width: int, output_size: int | tuple[int, int] | None) -> tuple[int, int]:
+    if output_size is None:
+        return height, width
+    if isinstance(output_size, int):
+        return short_side_size(height, width, output_size)
+    return int(output_size[0]), int(output_size[1])
+
+
+def _check_params(spec: AnnotatorSpec, params: dict[str, Any]) -> dict[str, Any]:
+    unknown = set(params) - {p.name for p in spec.params}
+    if unknown:
+        raise ValueError(f"annotator {spec.name} has no parameter(s) {sorted(unknown)}; "
+                         f"its parameters are {[p.name for p in spec.params]}")
+    return {**spec.defaults(), **params}
+
+
+def _run(spec: AnnotatorSpec, batch: np.ndarray, seeds: list[int], device: str, use_batch: bool,
+         model: Any, params: dict[str, Any]) -> list[Any]:
+    """The annotator on a batch at detect resolution: one batched call on a torch device, else image by image."""
+    extra: dict[str, Any] = {} if model is None else {"model": model}
+    if use_batch:
+        if spec.seeded:
+            extra["seeds"] = seeds
+        return list(spec.batch_fn(batch, device=device, **extra, **params))
+    return [spec.fn(im, **({"seed": s} if spec.seeded else {}), **extra, **params) for im, s in zip(batch, seeds)]
+
+
+def _finish(spec: AnnotatorSpec, result: Any, fit: DetectFit, out_hw: tuple[int, int]) -> tuple[np.ndarray, Any]:
+    control, people = result if spec.keypoints else (result, None)
+    if not isinstance(control, np.ndarray) or control.dtype != np.uint8 or control.ndim not in (2, 3):
+        raise ValueError(f"annotator {spec.name} must return an HWC uint8 map, got "
+                         f"{getattr(control, 'dtype', type(control))} {getattr(control, 'shape', '')}")
+    control = hwc3(fit.restore(hwc3(control), out_hw, spec.resample))
+    if people is not None:
+        from .pose import map_people
+
+        people = map_people(people, fit.restore_points)
+    return control, people
+
+
+def annotate_with_keypoints(name: str, image: np.ndarray, *, detect_resolution: int | None = 512,
+                            output_size: int | tuple[int, int] | None = None, seed: int | None = None,
+                            device: str | None = None, model_cache: ModelCache | None = None,
+                            **params: Any) -> tuple[np.ndarray, list[Any] | None]:
+    """`annotate`, also returning per image the people found (0..1 coordinates) for keypoint annotators, else None."""
+    spec = get(name)
+    params = _check_params(spec, params)
+    batch, single = _as_batch(image)
+    out_hw = _output_hw(batch.shape[1], batch.shape[2], output_size)
+    if spec.at_output_size:
+        batch = np.stack([resize(im, *out_hw) for im in batch])
+        detect_resolution = None
+    fitted = [resize_to_detect(im, detect_resolution) for im in batch]
+    work = np.stack([f[0] for f in fitted])
+    device, use_batch = resolve_device(spec, device)
+    model = (model_cache or LOCAL_MODELS)(spec, device) if spec.loader is not None else None
+    base = 0 if seed is None else int(seed)
+    results = _run(spec, work, [base + i for i in range(len(work))], device, use_batch, model, params)
+    finished = [_finish(spec, r, f[1], out_hw) for r, f in zip(results, fitted)]
+    maps = np.stack([m for m, _ in finished])
+    people = [p for _, p in finished] if spec.keypoints else None
+    if single:
+        return maps[0], (people[0] if people is not None else None)
+    return maps, people
+
+
+def annotate(name: str, image: np.ndarray, *, detect_resolution: int | None = 512,
+             output_size: int | tuple[int, int] | None = None, seed: int | None = None, device: str | None = None,
+             model_cache: ModelCache | None = None, **params: Any) -> np.ndarray:
+    """Control map(s) for an HWC uint8 image or an (N, H, W, C) uint8 batch, at output size (default: input size).
+
+    The picture's short side is scaled to `detect_resolution` (None: as is) and edge-padded to multiples of 64; the
+    map is cropped and resized back (§5.1). Image i of a batch uses seed `seed + i` (seed None means 0).
+    """
+    return annotate_with_keypoints(name, image, detect_resolution=detect_resolution, output_size=output_size,
+                                   seed=seed, device=device, model_cache=model_cache, **params)[0]
+
+
+def _register_builtin() -> None:
+    from .classical import SPECS
+
+    for spec in SPECS:
+        register(spec)
+
+
+def _register_learned() -> None:
+    """Import annotators.learned (it registers its specs); only its absence is tolerated, never its errors."""
+    try:
+        importlib.import_module(".learned", __package__)
+    except ModuleNotFoundError as exc:
+        if exc.name != f"{__package__}.learned":
+            raise
+        logger.debug("no learned annotators in this build (%s)", exc)
+
+
+_register_builtin()
+_register_learned()

@@ -1,0 +1,151 @@
+"""What every annotator shares: image conventions (controlnet-formats.md §5.1) and the spec that describes one."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import numpy as np
+
+PAD_MULTIPLE = 64  # A1111/aux resize_image_with_pad: edge-pad the detect-resolution image to multiples of 64
+PARAM_KINDS = ("int", "float", "bool", "combo", "string")
+RESAMPLE_MODES = ("linear", "nearest")
+
+
+def hwc3(image: np.ndarray) -> np.ndarray:
+    """Grey to 3 channels, RGBA composited over white, uint8 HWC (ControlNet annotator/util.py HWC3)."""
+    if image.dtype != np.uint8:
+        raise ValueError(f"annotators take uint8 images, got {image.dtype}; scale 0..1 floats by 255 first")
+    if image.ndim == 2:
+        image = image[..., None]
+    if image.ndim != 3 or image.shape[2] not in (1, 3, 4):
+        raise ValueError(f"image must be HxW, HxWx1, HxWx3 or HxWx4, got shape {image.shape}")
+    if image.shape[2] == 1:
+        return np.repeat(image, 3, axis=2)
+    if image.shape[2] == 4:
+        alpha = image[..., 3:].astype(np.float32) / 255.0
+        rgb = image[..., :3].astype(np.float32) * alpha + 255.0 * (1.0 - alpha)
+        return rgb.round().clip(0, 255).astype(np.uint8)
+    return image
+
+
+def hwc3_batch(images: np.ndarray) -> np.ndarray:
+    """(N, H, W, C) uint8 with C in 1, 3, 4 (or (N, H, W)) to (N, H, W, 3) RGB."""
+    if images.ndim == 3 and images.dtype == np.uint8 and images.shape[2] not in (1, 3, 4):
+        images = images[..., None]  # a batch of grey images, (N, H, W)
+    return np.stack([hwc3(im) for im in images]) if len(images) else images.reshape(0, 0, 0, 3)
+
+
+def short_side_size(height: int, width: int, short_side: int) -> tuple[int, int]:
+    """(h, w) with the short side scaled to `short_side`, aspect kept (ControlNet resize_image)."""
+    scale = short_side / min(height, width)
+    return max(1, round(height * scale)), max(1, round(width * scale))
+
+
+def resize(image: np.ndarray, height: int, width: int, mode: str = "linear") -> np.ndarray:
+    """Resize HWC uint8: area when shrinking, cubic when growing ('linear'), or nearest for label-like maps."""
+    import cv2
+
+    if image.shape[:2] == (height, width):
+        return image
+    if mode == "nearest":
+        interpolation = cv2.INTER_NEAREST
+    else:
+        interpolation = cv2.INTER_AREA if height * width < image.shape[0] * image.shape[1] else cv2.INTER_CUBIC
+    out = cv2.resize(image, (width, height), interpolation=interpolation)
+    return out[..., None] if out.ndim == 2 else out
+
+
+@dataclass(frozen=True)
+class DetectFit:
+    """How an image was fitted to the detect resolution, so the map can be brought back (aux resize_image_with_pad)."""
+
+    height: int  # original size
+    width: int
+    scaled_height: int  # after scaling the short side, before padding
+    scaled_width: int
+    pad_bottom: int
+    pad_right: int
+
+    def restore(self, control: np.ndarray, output_size: tuple[int, int] | None = None,
+                mode: str = "linear") -> np.ndarray:
+        """Crop the padding off a map made at detect resolution and resize it to the output (h, w)."""
+        cropped = control[:self.scaled_height, :self.scaled_width]
+        height, width = output_size or (self.height, self.width)
+        return resize(cropped, height, width, mode)
+
+    def restore_points(self, x: float, y: float) -> tuple[float, float]:
+        """A 0..1 coordinate on the padded detect canvas to 0..1 on the original picture."""
+        padded_h, padded_w = self.scaled_height + self.pad_bottom, self.scaled_width + self.pad_right
+        return x * padded_w / self.scaled_width, y * padded_h / self.scaled_height
+
+
+def resize_to_detect(image: np.ndarray, detect_resolution: int | None,
+                     pad_multiple: int = PAD_MULTIPLE) -> tuple[np.ndarray, DetectFit]:
+    """Scale the short side to `detect_resolution` and edge-pad to multiples of 64 (§5.1); None keeps the image."""
+    height, width = image.shape[:2]
+    if not detect_resolution:
+        return image, DetectFit(height, width, height, width, 0, 0)
+    if detect_resolution < 1:
+        raise ValueError(f"detect_resolution must be a positive number of pixels, got {detect_resolution}")
+    scaled_h, scaled_w = short_side_size(height, width, detect_resolution)
+    scaled = resize(image, scaled_h, scaled_w)
+    pad_b, pad_r = -scaled_h % pad_multiple, -scaled_w % pad_multiple
+    padded = np.pad(scaled, ((0, pad_b), (0, pad_r), (0, 0)), mode="edge") if pad_b or pad_r else scaled
+    return padded, DetectFit(height, width, scaled_h, scaled_w, pad_b, pad_r)
+
+
+@dataclass(frozen=True)
+class ParamSpec:
+    """One annotator parameter; the node builds its widget from it (ComfyUI INPUT_TYPES)."""
+
+    name: str
+    kind: str  # one of PARAM_KINDS
+    default: Any
+    min: float | None = None
+    max: float | None = None
+    step: float | None = None
+    choices: tuple[str, ...] = ()  # for kind "combo"
+    tooltip: str = ""
+
+    def __post_init__(self) -> None:
+        if self.kind not in PARAM_KINDS:
+            raise ValueError(f"ParamSpec {self.name}: kind must be one of {PARAM_KINDS}, got {self.kind!r}")
+        if self.kind == "combo" and self.default not in self.choices:
+            raise ValueError(f"ParamSpec {self.name}: default {self.default!r} is not one of {self.choices}")
+
+
+@dataclass(frozen=True)
+class AnnotatorSpec:
+    """One annotator as data: what computes it, its parameters, weights, and the node id that exposes it."""
+
+    name: str
+    node_id: str  # public API (saved workflows name it): "ZeroConv..." and never renamed
+    display_name: str
+    fn: Callable[..., Any]  # (HWC uint8 RGB, **params[, seed=][, model=]) -> HWC uint8 RGB control map
+    params: tuple[ParamSpec, ...] = ()
+    weights: tuple[str, ...] = ()  # manifest file names it needs; empty for classical annotators
+    control_types: tuple[str, ...] = ()  # ControlNet types it makes conditions for, e.g. ("canny",)
+    seeded: bool = False  # fn takes seed= (an int); reproducible for a seed
+    category: str = "classical"  # node sub-menu: "classical", "learned", ...
+    loader: Callable[[str], Any] | None = None  # device -> model (nn.Module); fn/batch_fn then get model=
+    batch_fn: Callable[..., np.ndarray] | None = None  # (N,H,W,3) uint8 -> same, on a torch device (device=,
+    # model= when it has a loader, seeds= a list when seeded); used for learned annotators and for a GPU device
+    batch_requires: tuple[str, ...] = ()  # optional modules batch_fn needs (e.g. kornia); CPU path when missing
+    resample: str = "linear"  # how the map goes back to output size: "linear", or "nearest" for hard-edged maps
+    at_output_size: bool = False  # runs on the picture at output size, ignoring detect_resolution (shuffle)
+    keypoints: bool = False  # fn returns (map, list[pose.Person]) with 0..1 coordinates (OpenPose)
+    description: str = ""  # node tooltip
+
+    def __post_init__(self) -> None:
+        if not self.node_id.startswith("ZeroConv"):
+            raise ValueError(f"annotator {self.name}: node_id must start with 'ZeroConv', got {self.node_id!r}")
+        if self.resample not in RESAMPLE_MODES:
+            raise ValueError(f"annotator {self.name}: resample must be one of {RESAMPLE_MODES}, got {self.resample!r}")
+        reserved = {"image", "detect_resolution", "seed", "model", "device"} & {p.name for p in self.params}
+        if reserved:
+            raise ValueError(f"annotator {self.name}: parameter names {sorted(reserved)} are reserved; rename them")
+
+    def defaults(self) -> dict[str, Any]:
+        """Parameter name -> default value."""
+        return {p.name: p.default for p in self.params}
+

@@ -15,8 +15,7 @@ from zeroconv.workflow_runner.files import HostPaths
 
 CHECKPOINT = os.environ.get("ZEROCONV_SD15_CHECKPOINT")
 
-needs_weights = [pytest.mark.slow,
-                 pytest.mark.skipif(not CHECKPOINT, reason="needs real SD1.5 weights: set ZEROCONV_SD15_CHECKPOINT")]
+needs_weights = pytest.mark.skipif(not CHECKPOINT, reason="needs real SD1.5 weights: set ZEROCONV_SD15_CHECKPOINT")
 
 
 def _prompt(checkpoint: str, size: int = 256, steps: int = 6) -> dict:
@@ -47,8 +46,9 @@ def test_tiny_sd_single_file_loads_through_load_base_and_samples(tmp_path, famil
     assert Image.open(result.saved[0]).size == (64, 64)
 
 
-@pytest.mark.parametrize("marks", [pytest.param(None, marks=needs_weights)])
-def test_sd15_checkpoint_by_path_renders_an_image(tmp_path, marks) -> None:
+@pytest.mark.slow
+@needs_weights
+def test_sd15_checkpoint_by_path_renders_an_image(tmp_path) -> None:
     result = run_prompt(_prompt(CHECKPOINT), HostPaths(output_dir=tmp_path))
     pixels = np.asarray(Image.open(result.saved[0]), dtype=np.float32)
     assert pixels.shape == (256, 256, 3) and pixels.std() > 5.0

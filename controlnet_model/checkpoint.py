@@ -1,79 +1,91 @@
-"""Reading and writing ControlNet checkpoints (controlnet-formats.md §2).
+"""Reading and writing ControlNet checkpoints (controlnet-formats.md §2; STYLE §3-§4).
 
-This build loads the LDM layouts (v1.0 `control_model.`-prefixed files with or without the whole SD model,
-Lightning `state_dict` nesting, pruned community files, v1.1 bare-key files), diffusers folders and single files,
-and our own native files; it recognises the other kinds (diff, Control-LoRA, Union, T2I-Adapter) with a clear
-error.
+Read: original v1.0 files (`control_model.` prefix, with or without the whole SD model, Lightning nesting),
+pruned community files, v1.1 bare LDM files (with an optional `.yaml` beside), diffusers folders and single
+files, diff ControlNets and Control-LoRA (relative to a base U-Net), shuffle-type models, and our native files.
+Other kinds (Union, T2I-Adapter, LLLite, XS, SD3/Flux, ...) are recognised and refused with a clear error.
+
+How a load runs: open the file lazily (safetensors_io), detect the format from marker keys (keymaps.FORMAT_MARKERS),
+rename keys to the LDM layout with one generic `apply_rules`, decide the architecture (native metadata, else the
+shapes, plus sidecar configs), check every key and shape, and only then read the tensors one at a time into the
+dtype and device asked for. Write: native safetensors (bare LDM keys + metadata) and diffusers folders, atomically.
 """
 from __future__ import annotations
 
 import functools
 import hashlib
 import json
-import os
-import pickle
-import tempfile
-from dataclasses import dataclass, field
+import logging
+from collections import Counter
+from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Callable, Iterable, Mapping, NamedTuple, Sequence, TypeVar
 
 import torch
 from torch import nn
 
-from . import diffusers_format
+from . import keymaps as km
+from .atomic import atomic_save_safetensors, atomic_write_text
 from .config import FAMILY_BY_CONTEXT_DIM, ControlNetConfig
-from .from_unet import unet_twin, unet_twin_inverse
-from .keymaps import FORMAT_MARKERS, LDM_CONTROL_PREFIX, WRAPPER_PREFIXES
+from .diffusers_format import config_changes, diffusers_config, is_bgr, read_config_json
+from .metadata import FORMAT_VERSION, PREFIX, ControlNetMetadata, control_type_from_name
 from .network import ControlNet
+from .safetensors_io import WeightFile, open_weights
+
+logger = logging.getLogger(__name__)
+
+V = TypeVar("V")
+Rules = Sequence[tuple[str, str]]
 
 
 class CheckpointFormat(str, Enum):
-    LDM_PREFIXED = "ldm_prefixed"
-    LDM = "ldm"
-    DIFFUSERS = "diffusers"
-    DIFF = "diff"
-    CONTROL_LORA = "control_lora"
+    """Checkpoint layouts (controlnet-formats.md §2.1); the first five load, the rest are recognised only."""
+
+    LDM_FULL = "ldm_full"  # A: v1.0 file with the whole SD model inside (`control_model.` + `model.diffusion_model.`)
+    LDM_PREFIXED = "ldm_prefixed"  # B: pruned v1.0 file, `control_model.` keys only
+    LDM = "ldm"  # D: v1.1 / ComfyUI repack / our native files: bare LDM keys
+    DIFFUSERS = "diffusers"  # E: diffusers folder or single file
+    DIFF = "diff"  # C: kohya difference ControlNet (needs the base U-Net)
+    CONTROL_LORA = "control_lora"  # F: Stability Control-LoRA (needs the base U-Net)
     UNION = "union"
+    CONTROLNET_XS = "controlnet_xs"
     T2I_ADAPTER = "t2i_adapter"
+    LLLITE = "lllite"
+    SD3 = "sd3"
+    FLUX = "flux"
+    DIT = "dit"
+    IP_ADAPTER = "ip_adapter"
+    SD_MODEL = "sd_model"
 
 
-LOADABLE = {CheckpointFormat.LDM_PREFIXED, CheckpointFormat.LDM, CheckpointFormat.DIFFUSERS, CheckpointFormat.DIFF,
-            CheckpointFormat.CONTROL_LORA}
-NEEDS_BASE = {CheckpointFormat.DIFF, CheckpointFormat.CONTROL_LORA}
-UNSUPPORTED_ADVICE = {
-    CheckpointFormat.UNION: "Union/ControlNet++ models are not supported yet; use ComfyUI's loader with SetUnionControlNetType",
-    CheckpointFormat.T2I_ADAPTER: "T2I-Adapters are not ControlNets and are not supported yet; use ComfyUI's loader",
+NEEDS_BASE = frozenset({CheckpointFormat.DIFF, CheckpointFormat.CONTROL_LORA})
+# What each recognised-but-refused kind is, and what to do instead.
+UNSUPPORTED: dict[CheckpointFormat, tuple[str, str]] = {
+    CheckpointFormat.UNION: ("a Union / ControlNet++ (xinsir) model, one network for several control types",
+                             "load it with ComfyUI's core ControlNet loader and SetUnionControlNetType"),
+    CheckpointFormat.CONTROLNET_XS: ("a ControlNet-XS model (control and base exchange features both ways)",
+                                     "use diffusers' ControlNetXSAdapter"),
+    CheckpointFormat.T2I_ADAPTER: ("a T2I-Adapter, not a ControlNet",
+                                   "load it with ComfyUI's core ControlNet loader, which reads T2I-Adapters"),
+    CheckpointFormat.LLLITE: ("a ControlNet-LLLite (kohya) model", "use a ControlNet-LLLite node pack"),
+    CheckpointFormat.SD3: ("an SD3 / SD3.5 ControlNet, made for a transformer model",
+                           "load it with ComfyUI's core ControlNet loader and an SD3 model"),
+    CheckpointFormat.FLUX: ("a Flux ControlNet, made for a transformer model",
+                            "load it with ComfyUI's core ControlNet loader and a Flux model"),
+    CheckpointFormat.DIT: ("a ControlNet for a transformer (DiT) model such as Hunyuan-DiT",
+                           "load it with ComfyUI's core ControlNet loader"),
+    CheckpointFormat.IP_ADAPTER: ("an IP-Adapter, not a ControlNet", "use an IP-Adapter node pack"),
+    CheckpointFormat.SD_MODEL: ("a Stable Diffusion model without a ControlNet inside",
+                                "put it in models/checkpoints and give a ControlNet file here"),
 }
-
-
-@dataclass(frozen=True)
-class ControlNetMetadata:
-    """What a native file says about itself (stored as safetensors string metadata)."""
-
-    family: str = ""
-    control_type: str = ""  # e.g. "canny", "depth", "openpose"
-    annotator: str = ""  # annotator that makes this model's condition
-    resolution: int = 0  # training resolution in pixels
-    provenance: str = ""  # who or what made the file
-    content_hash: str = ""  # sha256 of the tensors, order-independent of the file layout
-    extra: dict[str, str] = field(default_factory=dict)
-
-    def to_strings(self) -> dict[str, str]:
-        out = {f"zeroconv_{k}": str(v) for k, v in self.__dict__.items() if k != "extra" and v not in ("", 0)}
-        out.update({f"zeroconv_x_{k}": v for k, v in self.extra.items()})
-        return out
-
-    @classmethod
-    def from_strings(cls, meta: Mapping[str, str]) -> "ControlNetMetadata":
-        known = {k: meta[f"zeroconv_{k}"] for k in ("family", "control_type", "annotator", "provenance",
-                                                     "content_hash") if f"zeroconv_{k}" in meta}
-        extra = {k[len("zeroconv_x_"):]: v for k, v in meta.items() if k.startswith("zeroconv_x_")}
-        return cls(resolution=int(meta.get("zeroconv_resolution", 0) or 0), extra=extra, **known)
+LOADABLE = frozenset(CheckpointFormat) - frozenset(UNSUPPORTED)
 
 
 @dataclass
 class LoadedControlNet:
+    """A loaded ControlNet with what is known about it."""
+
     model: ControlNet
     config: ControlNetConfig
     format: CheckpointFormat
@@ -81,268 +93,541 @@ class LoadedControlNet:
     path: Path
 
 
-# ---- reading -------------------------------------------------------------------------------------------
-def read_state_dict(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """Tensors and string metadata of a file; pickles only through torch.load(weights_only=True)."""
-    path = Path(path)
-    if path.is_dir():
-        path = diffusers_format.weight_file_in(path)
-    if not path.exists():
-        raise FileNotFoundError(f"ControlNet file {path} does not exist; put it in ComfyUI's models/controlnet folder")
-    if path.stat().st_size == 0:
-        raise ValueError(f"{path} is empty (0 bytes); the download or copy failed, fetch the file again")
-    if path.suffix in (".safetensors", ".sft"):
-        return _read_safetensors(path)
-    try:
-        loaded = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as exc:
-        raise ValueError(f"{path} needs arbitrary code to load and was refused ({str(exc).splitlines()[0]}); "
-                         "only load pickles you trust, converted to .safetensors") from None
-    except (RuntimeError, EOFError, OSError) as exc:
-        raise ValueError(f"{path} is not a readable checkpoint ({exc}); it may be truncated: fetch it again") from None
-    if isinstance(loaded, dict) and isinstance(loaded.get("state_dict"), dict):
-        loaded = loaded["state_dict"]
-    if not isinstance(loaded, dict) or not all(isinstance(v, torch.Tensor) for v in loaded.values()):
-        raise ValueError(f"{path} does not hold a flat dict of tensors; it is not a ControlNet checkpoint")
-    return loaded, {}
+class Source(NamedTuple):
+    """Where one ControlNet tensor comes from: its stored shape/dtype (meta tensor) and how to read it."""
+
+    meta: torch.Tensor
+    load: Callable[[], torch.Tensor]
 
 
-def _read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    from safetensors import SafetensorError, safe_open
-
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            return {k: f.get_tensor(k) for k in f.keys()}, dict(f.metadata() or {})
-    except (SafetensorError, OSError, ValueError) as exc:
-        raise ValueError(f"{path} is not a valid safetensors file ({exc}); it may be truncated or corrupt: "
-                         "fetch it again") from None
+Plan = dict[str, Source]
 
 
-def _strip_wrappers(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    for prefix in WRAPPER_PREFIXES:
-        if state and all(k.startswith(prefix) for k in state):
-            state = {k[len(prefix):]: v for k, v in state.items()}
-    return state
+# ---- key tables -------------------------------------------------------------------------------------------
+def apply_rules(state: Mapping[str, V], rules: Rules) -> tuple[dict[str, V], list[str]]:
+    """Rename keys by the longest matching source prefix; return (converted, unmatched source keys) (STYLE §4)."""
+    ordered = sorted(rules, key=lambda rule: len(rule[0]), reverse=True)
+    converted: dict[str, V] = {}
+    unmatched: list[str] = []
+    for key, value in state.items():
+        for source, target in ordered:
+            if key.startswith(source):
+                new = target + key[len(source):]
+                if new in converted:
+                    raise KeyError(f"two keys map to {new!r} (the second is {key!r}); the file holds a layout twice")
+                converted[new] = value
+                break
+        else:
+            unmatched.append(key)
+    return converted, unmatched
 
 
-def detect_format(keys: Any) -> CheckpointFormat:
-    """The format whose marker keys are all present (table in keymaps.FORMAT_MARKERS)."""
+def invert(rules: Rules) -> list[tuple[str, str]]:
+    """The inverse conversion of 1:1 rules."""
+    return [(target, source) for source, target in rules]
+
+
+class Layout(NamedTuple):
+    """What the LDM <-> diffusers index ranges depend on."""
+
+    levels: int
+    res_blocks: int
+    attention: tuple[bool, ...]  # per level
+    mid_attention: bool
+
+
+def layout_of(cfg: ControlNetConfig) -> Layout:
+    return Layout(len(cfg.channel_mult), cfg.num_res_blocks, tuple(d is not None for d in cfg.transformer_depth),
+                  cfg.transformer_depth_middle is not None)
+
+
+def diffusers_layout(keys: Iterable[str]) -> Layout:
+    """The layout of a diffusers-named state dict, from which keys exist (keymaps.DIFFUSERS_*_KEY)."""
     present = set(keys)
-    for name, markers in FORMAT_MARKERS:
-        if all(m in present for m in markers):
-            return CheckpointFormat(name)
-    looked = "; ".join(f"{name}: {', '.join(m)}" for name, m in FORMAT_MARKERS)
-    raise ValueError(f"unknown checkpoint layout: none of the marker keys were found (looked for {looked})")
+    levels = _count(present, km.DIFFUSERS_LEVEL_KEY)
+    attention = tuple(km.DIFFUSERS_ATTN_KEY.format(b=b) in present for b in range(levels))
+    return Layout(levels, _count(present, km.DIFFUSERS_RES_KEY), attention, km.DIFFUSERS_MID_ATTN_KEY in present)
 
 
-def _count(state: Mapping[str, Any], template: str) -> int:
+def _count(present: set[str] | Mapping[str, Any], template: str) -> int:
     n = 0
-    while template.format(n) in state:
+    while template.format(n=n) in present:
         n += 1
     return n
 
 
+def ldm_diffusers_rules(layout: Layout) -> list[tuple[str, str]]:
+    """keymaps.LDM_DIFFUSERS_RULES expanded over the layout's index ranges: (LDM prefix, diffusers prefix)."""
+    res = [{"ldm_res": a, "diffusers_res": b} for a, b in km.RES_SUBKEYS]
+    down_res, down_attn, downsample = [], [], []
+    i = 1  # input block 0 is conv_in
+    for b in range(layout.levels):
+        for j in range(layout.res_blocks):
+            down_res += [{"i": i, "b": b, "j": j, **r} for r in res]
+            if layout.attention[b]:
+                down_attn.append({"i": i, "b": b, "j": j})
+            i += 1
+        if b != layout.levels - 1:
+            downsample.append({"i": i, "b": b})
+            i += 1
+    ranges: dict[str, list[dict[str, Any]]] = {
+        "": [{}], "res": res, "down_res": down_res, "down_attn": down_attn, "downsample": downsample,
+        "hint_blocks": [{"h": 2 * k + 2, "k": k} for k in range(km.HINT_BLOCK_COUNT)],
+        "mid_attn": [{}] if layout.mid_attention else [], "zero_convs": [{"n": n} for n in range(i)],
+    }
+    return [(ldm.format(**v), dif.format(**v)) for ldm, dif, name in km.LDM_DIFFUSERS_RULES for v in ranges[name]]
+
+
+# ---- detection and architecture ---------------------------------------------------------------------------
+def detect_format(keys_or_state: Iterable[str] | Mapping[str, Any]) -> CheckpointFormat:
+    """The first format whose marker keys are all present (table keymaps.FORMAT_MARKERS)."""
+    present = set(keys_or_state)
+    for name, markers in km.FORMAT_MARKERS:
+        if all(marker in present for marker in markers):
+            return CheckpointFormat(name)
+    looked = "; ".join(f"{name}: {' + '.join(markers)}" for name, markers in km.FORMAT_MARKERS)
+    raise ValueError(f"unknown checkpoint layout: no format's marker keys are all present (looked for {looked})")
+
+
 def infer_config(state: Mapping[str, torch.Tensor]) -> ControlNetConfig:
-    """Architecture from LDM key names and shapes (controlnet-formats.md §2.2)."""
+    """Architecture from LDM key names and shapes (controlnet-formats.md §2.2); meta tensors suffice."""
+    missing = [k for k in ("input_blocks.0.0.weight", "input_hint_block.0.weight", "zero_convs.0.0.weight")
+               if k not in state]
+    if missing:
+        raise KeyError(f"cannot infer the architecture: {missing} missing (not a complete LDM ControlNet)")
     mc, in_ch = state["input_blocks.0.0.weight"].shape[:2]
-    n_in = _count(state, "zero_convs.{}.0.weight")  # one zero conv per input block
+    n_in = _count(state, "zero_convs.{n}.0.weight")  # one zero conv per input block
     downs = [i for i in range(n_in) if f"input_blocks.{i}.0.op.weight" in state]
     levels = len(downs) + 1
     res = (n_in - 1 - len(downs)) // levels
-    mult, depth, context_dim, linear = [], [], None, False
+    mult, depth = [], []
     for level in range(levels):
         first = 1 + level * (res + 1)
         mult.append(state[f"input_blocks.{first}.0.in_layers.2.weight"].shape[0] // mc)
         depth.append(_attention_depth(state, f"input_blocks.{first}.1."))
-    middle = _attention_depth(state, "middle_block.1.")
-    for key, t in state.items():
-        if key.endswith("attn2.to_k.weight"):
-            context_dim = t.shape[1]
-        if key.endswith("proj_in.weight"):
-            linear = t.ndim == 2
+    context = [t.shape[1] for k, t in state.items() if k.endswith("attn2.to_k.weight")]
+    proj_in = [t.ndim for k, t in state.items() if k.endswith("proj_in.weight")]
     adm = state["label_emb.0.0.weight"].shape[1] if "label_emb.0.0.weight" in state else None
-    if context_dim is None:  # no cross-attention at all (SDXL "small"): the ADM embedding tells the family
-        context_dim, linear = (2048, True) if adm else (768, False)
-    sd1_heads = not linear and context_dim == 768
-    hint = [state[f"input_hint_block.{i}.weight"].shape[0] for i in (0, 4, 8, 12)]
+    context_dim = context[0] if context else (2048 if adm else 768)  # no cross-attention (SDXL small): by ADM
+    linear = proj_in[0] == 2 if proj_in else bool(adm)
+    sd1_heads = not linear and context_dim == 768  # SD1.x: 8 heads; SD2.x/SDXL: 64-wide heads (§2.2)
     return ControlNetConfig(
         family=FAMILY_BY_CONTEXT_DIM.get(context_dim, f"custom (context {context_dim})"), model_channels=mc,
-        channel_mult=tuple(mult), num_res_blocks=res, transformer_depth=tuple(depth), transformer_depth_middle=middle,
-        context_dim=context_dim, num_heads=8 if sd1_heads else -1, num_head_channels=-1 if sd1_heads else min(64, mc),
+        channel_mult=tuple(mult), num_res_blocks=res, transformer_depth=tuple(depth),
+        transformer_depth_middle=_attention_depth(state, "middle_block.1."), context_dim=context_dim,
+        num_heads=8 if sd1_heads else -1, num_head_channels=-1 if sd1_heads else min(64, mc),
         use_linear_in_transformer=linear, adm_in_channels=adm, in_channels=in_ch,
-        hint_channels=state["input_hint_block.0.weight"].shape[1], hint_block_channels=tuple(hint))
+        hint_channels=state["input_hint_block.0.weight"].shape[1],
+        hint_block_channels=tuple(state[f"input_hint_block.{i}.weight"].shape[0] for i in (0, 4, 8, 12)))
 
 
 def _attention_depth(state: Mapping[str, Any], prefix: str) -> int | None:
     if f"{prefix}proj_in.weight" not in state:
         return None
-    return _count(state, prefix + "transformer_blocks.{}.norm1.weight")
+    return _count(state, prefix + "transformer_blocks.{n}.norm1.weight")
 
 
+# ---- loading ----------------------------------------------------------------------------------------------
 def load_controlnet(path: str | Path, *, base_unet: nn.Module | Mapping[str, torch.Tensor] | None = None,
                     dtype: torch.dtype | None = None, device: str | torch.device = "cpu") -> LoadedControlNet:
-    """Load a ControlNet file strictly into our ControlNet, in the dtype and on the device asked for.
+    """Load any supported ControlNet file strictly into our ControlNet.
 
     Args:
-        path: a weight file, or a diffusers folder.
-        base_unet: the LDM-layout U-Net (module or state dict) that diff and Control-LoRA files are relative to.
+        path: a weight file (.safetensors, .pth, .ckpt, .bin) or a diffusers folder.
+        base_unet: the LDM-layout U-Net (module or state dict) that diff and Control-LoRA files are relative to;
+            ignored for self-contained files.
         dtype: dtype of the loaded weights (default: the file's).
-        device: where the model is placed.
+        device: where the weights are placed; each tensor goes there straight from the file.
     """
     path = Path(path)
-    state, meta = read_state_dict(path)
-    state = _strip_wrappers(state)
-    fmt = detect_format(state)
-    if fmt not in LOADABLE:
-        raise ValueError(f"{path} is a {fmt.value} checkpoint: {UNSUPPORTED_ADVICE[fmt]}")
-    if fmt in NEEDS_BASE:
-        if base_unet is None:
-            raise ValueError(f"{path} is a {fmt.value} ControlNet stored relative to its base model; give the base "
-                             "model (in ComfyUI connect a MODEL to the loader's model input)")
-        base = base_unet.state_dict() if isinstance(base_unet, nn.Module) else base_unet
-        state = merge_with_base(state, base, fmt, path)
-    elif fmt is CheckpointFormat.LDM_PREFIXED:
-        state = {k[len(LDM_CONTROL_PREFIX):]: v for k, v in state.items() if k.startswith(LDM_CONTROL_PREFIX)}
+    weights = open_weights(path)
+    names = _strip_wrappers(weights.keys())
+    fmt = _detect(names, weights.path)
+    if fmt in UNSUPPORTED:
+        kind, advice = UNSUPPORTED[fmt]
+        raise ValueError(f"{weights.path} is {kind} ({fmt.value}), which is not supported yet: {advice}")
+    base = _base_weights(base_unet, fmt, weights.path)
+    sidecar = _sidecar(fmt, weights.path)
+    plan = _plan(fmt, weights, names, base, sidecar)
+    config = _resolve_config(weights, plan, base, base_unet, sidecar, path)
+    if base is not None:
+        plan = _fill_from_base(plan, config, base)
+    model = _build(config, plan, weights.path, dtype or _file_dtype(weights), torch.device(device))
+    logger.info("loaded %s (%s, %s)", path.name, fmt.value, config.family)
+    return LoadedControlNet(model, config, fmt, _describe(weights, config, fmt, path), path)
+
+
+def _detect(names: Mapping[str, str], file: Path) -> CheckpointFormat:
+    try:
+        return detect_format(names)
+    except ValueError as exc:
+        raise ValueError(f"{file} is not a ControlNet layout we know ({exc}). Check that it is a ControlNet; "
+                         "for other model kinds use their own loader") from None
+
+
+def _strip_wrappers(keys: Iterable[str]) -> dict[str, str]:
+    """Key without torch.compile / DataParallel wrapper prefixes -> key in the file."""
+    names = {k: k for k in keys}
+    for prefix in km.WRAPPER_PREFIXES:
+        stripped, unmatched = apply_rules(names, [(prefix, "")])
+        if names and not unmatched:
+            names = stripped
+    return names
+
+
+def _base_weights(base_unet: nn.Module | Mapping[str, torch.Tensor] | None, fmt: CheckpointFormat,
+                  file: Path) -> dict[str, torch.Tensor] | None:
+    """The base U-Net's weights under their ControlNet twin names, for relative formats (§2.4-2.5)."""
+    if fmt not in NEEDS_BASE:
+        if base_unet is not None:
+            logger.debug("%s is self-contained; the base U-Net given is not used", file.name)
+        return None
+    kind = "diff ControlNet" if fmt is CheckpointFormat.DIFF else "Control-LoRA"
+    if base_unet is None:
+        raise ValueError(f"{file} is a {kind}, stored relative to the model it was made for; give that base model "
+                         "(load_controlnet(..., base_unet=unet); in ComfyUI connect the MODEL to the loader's "
+                         "model input)")
+    state = base_unet.state_dict() if isinstance(base_unet, nn.Module) else base_unet
+    rules = [(prefix + unet, control) for prefix in km.BASE_UNET_PREFIXES
+             for control, unet in km.INIT_FROM_UNET_PREFIXES]
+    twins, _ = apply_rules(state, rules)  # decoder and non-U-Net keys have no twin and are not needed
+    if not twins:
+        raise ValueError(f"the base model given for {file} has no LDM U-Net weights (time_embed, input_blocks, "
+                         "middle_block); give the U-Net of the model the file was made for")
+    return {k: v.detach() for k, v in twins.items()}
+
+
+class Sidecar(NamedTuple):
+    """Configuration found beside the weights (not in them)."""
+
+    diffusers: dict[str, Any]  # config.json of a diffusers folder
+    cldm: dict[str, Any]  # control_stage_config params of a v1.1 .yaml
+
+
+def _sidecar(fmt: CheckpointFormat, file: Path) -> Sidecar:
+    """diffusers config.json beside `diffusion_pytorch_model*`, or the cldm .yaml beside an LDM file."""
     if fmt is CheckpointFormat.DIFFUSERS:
-        state = diffusers_format.diffusers_to_ldm(state, path)
-    config = ControlNetConfig.from_json(meta["zeroconv_config"]) if "zeroconv_config" in meta else infer_config(state)
+        named = file.name.startswith("diffusion_pytorch_model")
+        return Sidecar(read_config_json(file.parent / km.DIFFUSERS_CONFIG_NAME) if named else {}, {})
+    yaml_path = file.with_suffix(".yaml")
+    if not yaml_path.is_file():
+        return Sidecar({}, {})
+    import yaml
+
+    try:
+        params: Any = yaml.safe_load(yaml_path.read_text(encoding="utf-8"))
+        for key in km.YAML_CONTROL_PARAMS:
+            params = params[key]
+        if not isinstance(params, dict):
+            raise TypeError(f"control_stage_config.params is a {type(params).__name__}")
+    except (yaml.YAMLError, KeyError, TypeError) as exc:
+        raise ValueError(f"{yaml_path} is not a cldm config ({type(exc).__name__}: {exc}); fix or remove it "
+                         "(it must have model.params.control_stage_config.params)") from None
+    return Sidecar({}, params)
+
+
+# ---- plans: which tensor each ControlNet key gets, before anything is read ---------------------------------
+def _plan(fmt: CheckpointFormat, weights: WeightFile, names: dict[str, str], base: dict[str, torch.Tensor] | None,
+          sidecar: Sidecar) -> Plan:
+    file = weights.path
+    if fmt is CheckpointFormat.LDM_FULL:
+        return _renamed(weights, names, km.LDM_PREFIXED_RULES, ignore=_is_whole_model_key)
+    if fmt is CheckpointFormat.LDM_PREFIXED:
+        return _renamed(weights, names, km.LDM_PREFIXED_RULES)
+    if fmt is CheckpointFormat.LDM:
+        return _renamed(weights, names, km.LDM_BARE_RULES)
     if fmt is CheckpointFormat.DIFFUSERS:
-        config = _apply_diffusers_config(config, path)
-    config = config.replace(global_average_pooling=config.global_average_pooling or _is_shuffle(path))
+        plan = _renamed(weights, names, invert(ldm_diffusers_rules(diffusers_layout(names))))
+        return _apply_fixes(plan, km.BGR_HINT_FIXES) if is_bgr(sidecar.diffusers) else plan
+    assert base is not None  # NEEDS_BASE formats got one from _base_weights
+    if fmt is CheckpointFormat.DIFF:
+        return _plan_diff(_renamed(weights, names, km.LDM_PREFIXED_RULES, ignore=km.DIFF_MARKER.__eq__), base, file)
+    return _plan_control_lora(_renamed(weights, names, km.LDM_BARE_RULES, ignore=km.CONTROL_LORA_MARKER.__eq__),
+                              base, file)
+
+
+def _renamed(weights: WeightFile, names: dict[str, str], rules: Rules,
+             ignore: Callable[[str], bool] = lambda key: False) -> Plan:
+    """Rename the keys not ignored by `rules`; a key left unmatched is an error naming it (STYLE §4)."""
+    converted, unmatched = apply_rules({k: v for k, v in names.items() if not ignore(k)}, rules)
+    if unmatched:
+        raise KeyError(f"{weights.path}: {len(unmatched)} keys have no place in the detected layout, e.g. "
+                       f"{sorted(unmatched)[:10]}; the file mixes layouts or is not a plain ControlNet")
+    return {target: _from_file(weights, key) for target, key in converted.items()}
+
+
+def _from_file(weights: WeightFile, key: str) -> Source:
+    return Source(weights.shapes[key], functools.partial(weights.load, key))
+
+
+def _is_whole_model_key(key: str) -> bool:
+    """The SD model and schedule buffers inside a v1.0 full file (keymaps.LDM_FULL_OTHER_*)."""
+    return key.startswith(km.LDM_FULL_OTHER_PREFIXES) or key in km.LDM_FULL_OTHER_KEYS
+
+
+FIXES: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
+    "flip_input_channels": lambda t: t.flip(1),  # BGR hint -> RGB: the first conv reads its inputs reversed
+}
+
+
+def _apply_fixes(plan: Plan, fixes: Sequence[tuple[str, str]]) -> Plan:
+    fixed = dict(plan)
+    for key, name in fixes:
+        fixed[key] = Source(plan[key].meta, functools.partial(_fixed, plan[key].load, FIXES[name]))
+    return fixed
+
+
+def _fixed(load: Callable[[], torch.Tensor], fix: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+    return fix(load())
+
+
+def _plan_diff(stored: Plan, base: dict[str, torch.Tensor], file: Path) -> Plan:
+    """Diff ControlNet: weight = stored delta + base twin, for keys whose module the U-Net has (§2.4)."""
+    plan: Plan = {}
+    for key, src in stored.items():
+        if not key.startswith(tuple(control for control, _ in km.INIT_FROM_UNET_PREFIXES)):
+            plan[key] = src  # condition encoder and zero convs are stored whole
+            continue
+        if key not in base:
+            raise KeyError(f"{file} holds a delta for {key} but the base model has no such weight; give the "
+                           "base model the diff was made for")
+        _same_shape(key, src.meta, base[key], file)
+        plan[key] = Source(src.meta, functools.partial(_add_base, src.load, base[key]))
+    return plan
+
+
+def _plan_control_lora(stored: Plan, base: dict[str, torch.Tensor], file: Path) -> Plan:
+    """Control-LoRA: weight = base + up @ down for factored weights; the rest stored whole (§2.5)."""
+    ups = {k[: -len(km.CONTROL_LORA_UP)] for k in stored if k.endswith(km.CONTROL_LORA_UP)}
+    downs = {k[: -len(km.CONTROL_LORA_DOWN)] for k in stored if k.endswith(km.CONTROL_LORA_DOWN)}
+    if ups != downs:
+        raise KeyError(f"{file}: Control-LoRA factors without their pair: {sorted(ups ^ downs)[:10]}; the file is "
+                       "incomplete: fetch it again")
+    plan = {k: v for k, v in stored.items() if not k.endswith((km.CONTROL_LORA_UP, km.CONTROL_LORA_DOWN))}
+    for module in sorted(ups):
+        key = module + ".weight"
+        if key in plan:
+            whole = plan[key]
+        elif key in base:
+            whole = Source(_meta(base[key]), functools.partial(_identity, base[key]))
+        else:
+            raise KeyError(f"{file}: Control-LoRA factors {module}.up/.down have no base weight {key}; give the "
+                           "base model the Control-LoRA was made for")
+        up, down = stored[module + km.CONTROL_LORA_UP], stored[module + km.CONTROL_LORA_DOWN]
+        rank, shape = down.meta.shape[0], whole.meta.shape
+        if up.meta.shape[0] != shape[0] or up.meta[0].numel() != rank or down.meta[0].numel() != whole.meta[0].numel():
+            raise ValueError(f"{file}: Control-LoRA factors of {module} ({tuple(up.meta.shape)} @ "
+                             f"{tuple(down.meta.shape)}) cannot make its weight {tuple(shape)}; give the base model "
+                             "the Control-LoRA was made for")
+        plan[key] = Source(whole.meta, functools.partial(_add_low_rank, whole.load, up.load, down.load))
+    return plan
+
+
+def _fill_from_base(plan: Plan, config: ControlNetConfig, base: dict[str, torch.Tensor]) -> Plan:
+    """Keys a relative file omits (unchanged from the base: deltas ~0, norms) are the base's (§2.4-2.5)."""
+    filled = dict(plan)
+    for key in expected_state(config):
+        if key not in filled and key in base:
+            filled[key] = Source(_meta(base[key]), functools.partial(_identity, base[key]))
+    return filled
+
+
+def _same_shape(key: str, stored: torch.Tensor, base: torch.Tensor, file: Path) -> None:
+    if stored.shape != base.shape:
+        raise ValueError(f"{file}: {key} is {tuple(stored.shape)} in the file but {tuple(base.shape)} in the base "
+                         "model; the file was made for another model family: give the base model it was made for")
+
+
+def _meta(tensor: torch.Tensor) -> torch.Tensor:
+    return torch.empty_like(tensor, device="meta")
+
+
+def _identity(tensor: torch.Tensor) -> torch.Tensor:
+    return tensor
+
+
+def _add_base(load: Callable[[], torch.Tensor], base: torch.Tensor) -> torch.Tensor:
+    """Delta + base in fp32, on the base's device."""
+    return load().to(device=base.device, dtype=torch.float32) + base.float()
+
+
+def _add_low_rank(load_whole: Callable[[], torch.Tensor], load_up: Callable[[], torch.Tensor],
+                  load_down: Callable[[], torch.Tensor]) -> torch.Tensor:
+    """whole + up @ down in fp32: (out, rank) @ (rank, in * kh * kw), reshaped to the weight."""
+    whole = load_whole().float()
+    up, down = (load().to(device=whole.device, dtype=torch.float32).flatten(1) for load in (load_up, load_down))
+    return whole + (up @ down).reshape(whole.shape)
+
+
+# ---- architecture and building ------------------------------------------------------------------------------
+def _resolve_config(weights: WeightFile, plan: Plan, base: dict[str, torch.Tensor] | None,
+                    base_unet: Any, sidecar: Sidecar, path: Path) -> ControlNetConfig:
+    """Native metadata first; else the shapes (STYLE §3), with what sidecars and the base model add."""
+    stored = weights.metadata.get(PREFIX + "config")
+    if stored:
+        try:
+            return ControlNetConfig.from_json(stored)
+        except (ValueError, TypeError) as exc:
+            raise ValueError(f"{weights.path}: its zeroconv_config metadata is invalid ({exc}); re-save the file") from None
+    shapes = {k: _meta(v) for k, v in (base or {}).items()}
+    shapes.update({k: s.meta for k, s in plan.items()})
+    try:
+        config = infer_config(shapes)
+    except (KeyError, IndexError) as exc:
+        raise KeyError(f"{weights.path}: {exc}; the file lacks part of a ControlNet") from None
+    config = config.replace(**config_changes(sidecar.diffusers, config, weights.path))
+    config = config.replace(**_heads_from(sidecar.cldm or (_base_heads(base_unet) if base is not None else {})))
+    if km.YAML_POOLING_FIELD in sidecar.cldm:
+        config = config.replace(global_average_pooling=bool(sidecar.cldm[km.YAML_POOLING_FIELD]))
+    if Path(path).stem.lower().endswith(km.SHUFFLE_NAME_SUFFIXES):
+        config = config.replace(global_average_pooling=True)
+    return config
+
+
+def _base_heads(base_unet: Any) -> dict[str, Any]:
+    """Head layout of the base model: our UNetModel's config, or an LDM U-Net's num_heads/num_head_channels."""
+    cfg = getattr(base_unet, "config", None)
+    if isinstance(cfg, ControlNetConfig):
+        return {"num_heads": cfg.num_heads, "num_head_channels": cfg.num_head_channels}
+    return {k: getattr(base_unet, k) for k in km.YAML_HEAD_FIELDS if isinstance(getattr(base_unet, k, None), int)}
+
+
+def _heads_from(params: Mapping[str, Any]) -> dict[str, int]:
+    """num_heads / num_head_channels from an LDM-style parameter set; a fixed head width wins (cldm)."""
+    width, count = params.get("num_head_channels", -1), params.get("num_heads", -1)
+    if isinstance(width, int) and width > 0:
+        return {"num_heads": -1, "num_head_channels": width}
+    if isinstance(count, int) and count > 0:
+        return {"num_heads": count, "num_head_channels": -1}
+    return {}
+
+
+def _file_dtype(weights: WeightFile) -> torch.dtype:
+    """The floating dtype holding most of the file's elements."""
+    counts: Counter[torch.dtype] = Counter()
+    for meta in weights.shapes.values():
+        if meta.is_floating_point():
+            counts[meta.dtype] += meta.numel()
+    return counts.most_common(1)[0][0] if counts else torch.float32
+
+
+@functools.lru_cache(maxsize=16)
+def expected_state(config: ControlNetConfig) -> dict[str, torch.Tensor]:
+    """The state dict a ControlNet of this config has, on the meta device (names, shapes, dtypes only)."""
+    with torch.device("meta"):
+        return dict(ControlNet(config).state_dict())
+
+
+def _build(config: ControlNetConfig, plan: Plan, file: Path, dtype: torch.dtype, device: torch.device) -> ControlNet:
+    """Check every key and shape, then read the tensors one at a time into `dtype` on `device` (strict)."""
+    expected = expected_state(config)
+    unexpected, missing = sorted(set(plan) - set(expected)), sorted(set(expected) - set(plan))
+    if unexpected or missing:
+        raise KeyError(f"{file} does not match the {config.family} architecture: {len(unexpected)} unexpected keys "
+                       f"{unexpected[:10]}, {len(missing)} missing keys {missing[:10]}; the file is incomplete or "
+                       "not a ControlNet of this kind")
+    wrong = [f"{k} {tuple(plan[k].meta.shape)} != {tuple(t.shape)}" for k, t in expected.items()
+             if plan[k].meta.shape != t.shape]
+    if wrong:
+        raise ValueError(f"{file}: {len(wrong)} tensors have the wrong shape for {config.family}, e.g. {wrong[:5]}")
+    tensors = {key: plan[key].load().to(device=device, dtype=dtype) for key in expected}  # one at a time
     with torch.device("meta"):
         model = ControlNet(config)
-    _load_strict(model, state, path, dtype)
-    return LoadedControlNet(model.to(device).eval(), config, fmt, ControlNetMetadata.from_strings(meta), path)
+    model.load_state_dict(tensors, strict=True, assign=True)
+    return model.eval()
 
 
-def merge_with_base(state: Mapping[str, torch.Tensor], base: Mapping[str, torch.Tensor], fmt: CheckpointFormat,
-                    path: Path) -> dict[str, torch.Tensor]:
-    """Absolute ControlNet weights from a diff (delta + base) or Control-LoRA (base + up @ down) file (§2.4-2.5)."""
-    if fmt is CheckpointFormat.DIFF:
-        state = {k[len(LDM_CONTROL_PREFIX):]: v for k, v in state.items() if k.startswith(LDM_CONTROL_PREFIX)}
-    merged: dict[str, torch.Tensor] = {}
-    for key, tensor in state.items():
-        if key == "lora_controlnet" or (fmt is CheckpointFormat.CONTROL_LORA and key.endswith((".up", ".down"))):
-            continue
-        twin = unet_twin(key)
-        add_base = fmt is CheckpointFormat.DIFF and twin in base
-        merged[key] = tensor.float() + base[twin].float() if add_base else tensor
-    for key in [k[:-3] for k in state if k.endswith(".up")]:
-        weight, twin = key + ".weight", unet_twin(key + ".weight")
-        if twin not in base:
-            raise KeyError(f"{path}: Control-LoRA factor {key} has no base weight {twin}; is this the right base model?")
-        up, down = state[key + ".up"].float(), state[key + ".down"].float()
-        merged[weight] = base[twin].float() + (up.flatten(1) @ down.flatten(1)).reshape(base[twin].shape)
-    from_base = {name: v for k, v in base.items() if (name := unet_twin_inverse(k)) is not None}
-    with torch.device("meta"):
-        template = ControlNet(infer_config({**from_base, **merged}))
-    for key in template.state_dict():  # what the file omits comes from the base (unchanged weights, norms)
-        if key not in merged and unet_twin(key) in base:
-            merged[key] = base[unet_twin(key)]
-    return merged
+def _describe(weights: WeightFile, config: ControlNetConfig, fmt: CheckpointFormat, path: Path) -> ControlNetMetadata:
+    """The file's own metadata, completed from the config and the file name for third-party files."""
+    stored = ControlNetMetadata.from_strings(weights.metadata)
+    return stored.replace(family=stored.family or config.family,
+                          control_type=stored.control_type or control_type_from_name(path),
+                          config=config.to_json(), global_average_pooling=config.global_average_pooling,
+                          provenance=stored.provenance or f"{fmt.value} checkpoint {path.name}")
 
 
-def _apply_diffusers_config(config: ControlNetConfig, path: Path) -> ControlNetConfig:
-    """Heads and pooling are not in the weights: read them from the config.json beside the file."""
-    raw = diffusers_format.read_config_json(path.parent if path.is_file() else path)
-    if not raw:
-        return config
-    heads = diffusers_format.heads_from_config(raw, list(config.channel_widths))
-    return config.replace(global_average_pooling=bool(raw.get("global_pool_conditions", False)), **heads)
+# ---- writing ----------------------------------------------------------------------------------------------
+def content_hash(source: Mapping[str, torch.Tensor] | nn.Module | str | Path) -> str:
+    """sha256 over sorted key names, dtypes, shapes and bytes: the same for a state dict and the file it is in."""
+    if isinstance(source, (str, Path)):
+        weights = open_weights(source)
+        items: Iterable[tuple[str, torch.Tensor]] = ((k, weights.load(k)) for k in sorted(weights.keys()))
+    else:
+        state = source.state_dict() if isinstance(source, nn.Module) else source
+        items = ((k, state[k]) for k in sorted(state))
+    digest = hashlib.sha256()
+    for key, tensor in items:
+        t = tensor.detach().cpu().contiguous()
+        digest.update(f"{key}|{t.dtype}|{tuple(t.shape)}".encode())
+        digest.update(t.reshape(-1).view(torch.uint8).numpy())
+    return digest.hexdigest()
+
+
+def save_controlnet(model_or_state: ControlNet | Mapping[str, torch.Tensor], path: str | Path,
+                    metadata: ControlNetMetadata | None = None, *, config: ControlNetConfig | None = None,
+                    dtype: torch.dtype | None = None) -> Path:
+    """Write our native format atomically: bare LDM keys (what ComfyUI core and A1111/Forge load) + metadata.
+
+    A state dict needs its config: `config=`, metadata.config, or else it is inferred from the shapes.
+    """
+    path = Path(path)
+    meta = metadata or ControlNetMetadata()
+    state, config = _state_and_config(model_or_state, config, meta)
+    config = config.replace(global_average_pooling=config.global_average_pooling or meta.global_average_pooling)
+    state = {k: _detached(v, dtype) for k, v in state.items()}
+    _check_state(state, config, path)
+    meta = meta.replace(family=meta.family or config.family, config=config.to_json(), content_hash=content_hash(state),
+                        global_average_pooling=config.global_average_pooling, saved_as=path.name,
+                        provenance=meta.provenance or "zeroconv save_controlnet")
+    strings = {**meta.to_strings(), "format": "pt", PREFIX + "format": "ldm", PREFIX + "format_version": FORMAT_VERSION}
+    return atomic_save_safetensors(state, path, strings)
+
+
+def _state_and_config(model_or_state: ControlNet | Mapping[str, torch.Tensor], config: ControlNetConfig | None,
+                      meta: ControlNetMetadata) -> tuple[Mapping[str, torch.Tensor], ControlNetConfig]:
+    if isinstance(model_or_state, nn.Module):
+        return model_or_state.state_dict(), config or model_or_state.config
+    if config is None:
+        config = ControlNetConfig.from_json(meta.config) if meta.config else infer_config(model_or_state)
+    return model_or_state, config
+
+
+def _detached(tensor: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
+    return tensor.detach().to(device="cpu", dtype=dtype or tensor.dtype).contiguous()
+
+
+def _check_state(state: Mapping[str, torch.Tensor], config: ControlNetConfig, path: Path) -> None:
+    """Refuse to write a file that would not load back strictly."""
+    expected = expected_state(config)
+    unexpected, missing = sorted(set(state) - set(expected)), sorted(set(expected) - set(state))
+    wrong = [k for k in set(state) & set(expected) if state[k].shape != expected[k].shape]
+    if unexpected or missing or wrong:
+        raise KeyError(f"not writing {path}: the state dict does not match {config.family}: unexpected "
+                       f"{unexpected[:10]}, missing {missing[:10]}, wrong shapes {sorted(wrong)[:10]}")
 
 
 def export_diffusers(model: ControlNet, folder: str | Path, dtype: torch.dtype | None = None) -> Path:
     """Write `config.json` + `diffusion_pytorch_model.safetensors` that diffusers' from_pretrained loads."""
     folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    state = {k: (v.to(dtype) if dtype else v).detach().contiguous().cpu() for k, v in model.state_dict().items()}
-    converted = diffusers_format.ldm_to_diffusers(state, model.config)
-    _atomic_safetensors(converted, folder / "diffusion_pytorch_model.safetensors", {"format": "pt"})
-    config_text = json.dumps(diffusers_format.diffusers_config(model.config), indent=2)
-    _atomic_write_bytes(folder / "config.json", config_text.encode())
+    state = {k: _detached(v, dtype) for k, v in model.state_dict().items()}
+    converted, unmatched = apply_rules(state, ldm_diffusers_rules(layout_of(model.config)))
+    if unmatched:
+        raise KeyError(f"{len(unmatched)} keys have no diffusers name, e.g. {unmatched[:8]}")
+    config_text = json.dumps(diffusers_config(model.config), indent=2)  # raises before anything is written
+    atomic_save_safetensors(converted, folder / "diffusion_pytorch_model.safetensors", {"format": "pt"})
+    atomic_write_text(folder / km.DIFFUSERS_CONFIG_NAME, config_text)
     return folder
 
 
-def _is_shuffle(path: Path) -> bool:
-    """Shuffle models need global average pooling; it is not in the weights, so read the yaml or the name."""
-    yaml_path = path.with_suffix(".yaml")
-    if yaml_path.exists() and "global_average_pooling: true" in yaml_path.read_text().lower():
-        return True
-    return path.stem.endswith(("_shuffle", "_shuffle_fp16"))
-
-
-def _load_strict(model: nn.Module, state: dict[str, torch.Tensor], path: Path, dtype: torch.dtype | None) -> None:
-    expected = model.state_dict()
-    unexpected, missing = sorted(set(state) - set(expected)), sorted(set(expected) - set(state))
-    if unexpected or missing:
-        raise KeyError(f"{path} does not match the inferred architecture: unexpected keys {unexpected[:10]} "
-                       f"({len(unexpected)} in all), missing keys {missing[:10]} ({len(missing)} in all)")
-    for key, tensor in state.items():
-        if tensor.shape != expected[key].shape:
-            raise ValueError(f"{path}: {key} has shape {tuple(tensor.shape)}, expected {tuple(expected[key].shape)}")
-        if not torch.isfinite(tensor).all():
-            raise ValueError(f"{path}: {key} contains NaN or infinite values; the file is damaged")
-    target = dtype or next(iter(state.values())).dtype
-    model.load_state_dict({k: v.to(target) for k, v in state.items()}, strict=True, assign=True)
-
-
-# ---- writing -------------------------------------------------------------------------------------------
-def content_hash(state: Mapping[str, torch.Tensor]) -> str:
-    """sha256 over sorted key names, dtypes, shapes and bytes."""
-    digest = hashlib.sha256()
-    for key in sorted(state):
-        t = state[key].detach().contiguous().cpu()
-        digest.update(f"{key}|{t.dtype}|{tuple(t.shape)}".encode())
-        digest.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
-    return digest.hexdigest()
-
-
-def save_controlnet(model: ControlNet, path: str | Path, metadata: ControlNetMetadata | None = None,
-                    dtype: torch.dtype | None = None) -> Path:
-    """Write our native format: bare LDM keys (what ComfyUI and A1111 load) plus descriptive metadata; atomic."""
-    path = Path(path)
-    state = {k: (v.to(dtype) if dtype else v).detach().contiguous().cpu() for k, v in model.state_dict().items()}
-    meta = metadata or ControlNetMetadata()
-    strings = {**meta.to_strings(), "zeroconv_family": meta.family or model.config.family,
-               "zeroconv_saved_as": path.name,
-               "zeroconv_config": model.config.to_json(), "zeroconv_content_hash": content_hash(state),
-               "zeroconv_format": "ldm"}
-    _atomic_safetensors(state, path, strings)
-    return path
-
-
-def _atomic(path: Path, write: Any) -> None:
-    """write(tmp_path) into a temp file beside `path`, fsync, then rename over it: never a half-written file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        write(tmp)
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-
-
-def _atomic_safetensors(state: dict[str, torch.Tensor], path: Path, metadata: dict[str, str]) -> None:
-    import safetensors.torch
-
-    _atomic(path, lambda tmp: safetensors.torch.save_file(state, tmp, metadata=metadata))
-
-
-def _atomic_write_bytes(path: Path, data: bytes) -> None:
-    _atomic(path, lambda tmp: Path(tmp).write_bytes(data))
+def read_state_dict(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Every tensor of a file as stored (memory-mapped where the format allows) and its string metadata."""
+    weights = open_weights(path)
+    return {k: weights.load(k) for k in weights.keys()}, weights.metadata
 
 
 def read_metadata(path: str | Path) -> ControlNetMetadata:
-    """The metadata of a native file without reading its tensors."""
-    from safetensors import safe_open
-
-    with safe_open(str(path), framework="pt") as f:
-        return ControlNetMetadata.from_strings(f.metadata() or {})
-
+    """What a file's safetensors metadata says (empty for pickles and third-party files); reads no tensors."""
+    return ControlNetMetadata.from_strings(open_weights(path).metadata)
 
 
 @functools.lru_cache(maxsize=8)

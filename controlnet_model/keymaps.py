@@ -1,8 +1,15 @@
-"""Key tables as data: which prefixes map between formats. Only checkpoint code reads these tables."""
+"""Key tables as data: marker keys per format and the renames between formats (controlnet-formats.md §2).
+
+Only checkpoint code reads these tables. Rename rules are (source prefix, target prefix) pairs; the longest
+matching prefix wins and the rest of the key is kept. Patterns with `{name}` placeholders are expanded by the
+checkpoint code over index ranges taken from the architecture. Every rule is 1:1, so swapping the pair gives the
+inverse conversion.
+"""
 from __future__ import annotations
 
 # init_from_unet: ControlNet prefix <- base U-Net prefix (cldm tool_add_control.py, diffusers from_unet).
 # Every ControlNet key under these prefixes is copied from the U-Net; the rest must be in INIT_FRESH_PREFIXES.
+# Diff ControlNets and Control-LoRA are stored relative to the same twins (formats §2.4-2.5).
 INIT_FROM_UNET_PREFIXES: tuple[tuple[str, str], ...] = (
     ("time_embed.", "time_embed."),
     ("label_emb.", "label_emb."),
@@ -11,39 +18,104 @@ INIT_FROM_UNET_PREFIXES: tuple[tuple[str, str], ...] = (
 )
 # Modules a fresh ControlNet creates itself: the condition encoder and the zero convolutions.
 INIT_FRESH_PREFIXES: tuple[str, ...] = ("input_hint_block.", "zero_convs.", "middle_block_out.")
+# Prefixes a base U-Net's keys may carry (bare module, ComfyUI BaseModel, whole SD checkpoint).
+BASE_UNET_PREFIXES: tuple[str, ...] = ("", "diffusion_model.", "model.diffusion_model.")
 
-# Format detection: each format and the keys that must all be present (checked in this order).
-# Kinds we recognise but do not load are listed too, so the error can say what the file is.
+# ---- format detection -----------------------------------------------------------------------------------
+# Each format and the full keys that must all be present, checked in this order (the first match wins, so
+# the more specific layouts come first). Kinds we recognise but do not load are listed too, so the error can
+# say what the file is. Values are CheckpointFormat values.
 FORMAT_MARKERS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("control_lora", ("lora_controlnet",)),
     ("union", ("control_add_embedding.linear_1.bias",)),
+    ("union", ("task_embedding", "spatial_ch_projs.weight")),
+    ("controlnet_xs", ("control_to_base_for_conv_in.weight",)),
     ("diff", ("difference", "control_model.zero_convs.0.0.weight")),
+    ("ldm_full", ("control_model.zero_convs.0.0.weight", "model.diffusion_model.out.2.weight")),
     ("ldm_prefixed", ("control_model.zero_convs.0.0.weight", "control_model.input_hint_block.0.weight")),
     ("ldm", ("zero_convs.0.0.weight", "input_hint_block.0.weight")),
     ("diffusers", ("controlnet_cond_embedding.conv_in.weight", "controlnet_mid_block.weight")),
     ("t2i_adapter", ("adapter.body.0.resnets.0.block1.weight",)),
     ("t2i_adapter", ("body.0.in_conv.weight",)),
     ("t2i_adapter", ("conv_in.weight", "body.0.block1.weight")),
+    ("lllite", ("lllite_unet_input_blocks_4_1_transformer_blocks_0_attn1_to_q.down.0.weight",)),
+    ("lllite", ("lllite_unet_input_blocks_4_1_transformer_blocks_0_attn1_to_q.conditioning1.0.weight",)),
+    ("sd3", ("controlnet_blocks.0.weight", "pos_embed_input.proj.weight")),
+    ("flux", ("controlnet_blocks.0.weight", "controlnet_x_embedder.weight")),
+    ("flux", ("controlnet_blocks.0.weight", "double_blocks.0.img_attn.norm.key_norm.scale")),
+    ("flux", ("controlnet_blocks.0.linear.weight",)),
+    ("dit", ("controlnet_blocks.0.weight",)),
+    ("dit", ("after_proj_list.0.bias",)),
+    ("ip_adapter", ("ip_adapter.1.to_k_ip.weight",)),
+    ("sd_model", ("model.diffusion_model.out.2.weight",)),
 )
-# Prefix that wraps ControlNet keys inside whole-model (v1.0) checkpoints; everything else there is dropped.
-LDM_CONTROL_PREFIX = "control_model."
-# Wrapper prefixes added by torch.compile and DataParallel, stripped before detection.
-WRAPPER_PREFIXES: tuple[str, ...] = ("_orig_mod.", "module.")
 
-# LDM <-> diffusers, as (LDM prefix, diffusers prefix) pairs (controlnet-formats.md §2.3). Index-dependent
-# rules are templates expanded over the layout by checkpoint code; every rule is 1:1 so the inverse is free.
-DIFFUSERS_FIXED: tuple[tuple[str, str], ...] = (
-    ("time_embed.0.", "time_embedding.linear_1."),
-    ("time_embed.2.", "time_embedding.linear_2."),
-    ("label_emb.0.0.", "add_embedding.linear_1."),
-    ("label_emb.0.2.", "add_embedding.linear_2."),
-    ("input_blocks.0.0.", "conv_in."),
-    ("input_hint_block.0.", "controlnet_cond_embedding.conv_in."),
-    ("input_hint_block.14.", "controlnet_cond_embedding.conv_out."),
-    ("middle_block_out.0.", "controlnet_mid_block."),
+# Wrapper prefixes added by torch.compile and DataParallel; stripped when every key has one.
+WRAPPER_PREFIXES: tuple[str, ...] = ("_orig_mod.", "module.")
+# Pickles that nest the weights under one key (Lightning .ckpt, the kohya diff .pth writer).
+NESTED_STATE_KEYS: tuple[str, ...] = ("state_dict",)
+
+# ---- LDM layouts (A: v1.0 full, B: pruned, C: diff, D: v1.1) ----------------------------------------------
+# The ControlNet inside a whole-model v1.0 file, and the prefix-stripped (bare) layout everything converts to.
+LDM_PREFIXED_RULES: tuple[tuple[str, str], ...] = (("control_model.", ""),)
+LDM_BARE_RULES: tuple[tuple[str, str], ...] = (("", ""),)
+# What else a whole-model v1.0 file holds (ControlLDM: the SD model and its schedule buffers): left out on load.
+LDM_FULL_OTHER_PREFIXES: tuple[str, ...] = (
+    "model.diffusion_model.", "first_stage_model.", "cond_stage_model.", "model_ema.", "embedding_manager.",
 )
-DIFFUSERS_HINT_BLOCK = ("input_hint_block.{ldm}.", "controlnet_cond_embedding.blocks.{k}.")  # ldm = 2k + 2, k < 6
-DIFFUSERS_RES_SUBKEYS: tuple[tuple[str, str], ...] = (
+LDM_FULL_OTHER_KEYS: tuple[str, ...] = (
+    "betas", "alphas_cumprod", "alphas_cumprod_prev", "sqrt_alphas_cumprod", "sqrt_one_minus_alphas_cumprod",
+    "log_one_minus_alphas_cumprod", "sqrt_recip_alphas_cumprod", "sqrt_recipm1_alphas_cumprod",
+    "posterior_variance", "posterior_log_variance_clipped", "posterior_mean_coef1", "posterior_mean_coef2",
+    "lvlb_weights", "logvar", "scale_factor",
+)
+# Diff files: the scalar marker, and which stored keys are deltas (those with a U-Net twin, INIT_FROM_UNET_PREFIXES).
+DIFF_MARKER = "difference"
+# Control-LoRA: the marker, and the factor suffixes; weight = base + up.flatten(1) @ down.flatten(1).
+CONTROL_LORA_MARKER = "lora_controlnet"
+CONTROL_LORA_UP, CONTROL_LORA_DOWN = ".up", ".down"
+
+# ---- sidecar configuration (not in the weights) -------------------------------------------------------------
+# v1.1 `.yaml` beside the file: where the ControlNet's params sit, and which we read (the weights fix the rest).
+YAML_CONTROL_PARAMS: tuple[str, ...] = ("model", "params", "control_stage_config", "params")
+YAML_HEAD_FIELDS: tuple[str, ...] = ("num_heads", "num_head_channels")
+YAML_POOLING_FIELD = "global_average_pooling"
+# Shuffle models need global average pooling; third-party files without a config are recognised by name.
+SHUFFLE_NAME_SUFFIXES: tuple[str, ...] = ("_shuffle", "_shuffle_fp16")
+
+# Control types by a token of the file name (official v1.0/v1.1/SDXL names), most specific first, so the loader
+# can describe third-party files (and the nodes suggest the annotator) when no metadata says it.
+CONTROL_TYPE_BY_NAME_TOKEN: tuple[tuple[str, str], ...] = (
+    ("lineart_anime", "lineart_anime"), ("lineart", "lineart"), ("softedge", "softedge"), ("canny", "canny"),
+    ("depth", "depth"), ("openpose", "openpose"), ("pose", "openpose"), ("normalbae", "normal"),
+    ("normal", "normal"), ("scribble", "scribble"), ("sketch", "scribble"), ("mlsd", "mlsd"), ("hed", "hed"),
+    ("seg", "seg"), ("shuffle", "shuffle"), ("tile", "tile"), ("inpaint", "inpaint"), ("ip2p", "ip2p"),
+    ("recolor", "recolor"), ("color", "color"), ("blur", "tile"),
+)
+
+# ---- LDM <-> diffusers (formats §2.3) ---------------------------------------------------------------------
+# (LDM pattern, diffusers pattern, index set). The index set names the placeholder values the pattern is
+# expanded over (checkpoint.py builds them from the layout); "" means the rule is used as written.
+# `{ldm_res}`/`{diffusers_res}` range over RES_SUBKEYS, the ResBlock sub-renames.
+LDM_DIFFUSERS_RULES: tuple[tuple[str, str, str], ...] = (
+    ("time_embed.0.", "time_embedding.linear_1.", ""),
+    ("time_embed.2.", "time_embedding.linear_2.", ""),
+    ("label_emb.0.0.", "add_embedding.linear_1.", ""),
+    ("label_emb.0.2.", "add_embedding.linear_2.", ""),
+    ("input_blocks.0.0.", "conv_in.", ""),
+    ("input_hint_block.0.", "controlnet_cond_embedding.conv_in.", ""),
+    ("input_hint_block.{h}.", "controlnet_cond_embedding.blocks.{k}.", "hint_blocks"),
+    ("input_hint_block.14.", "controlnet_cond_embedding.conv_out.", ""),
+    ("input_blocks.{i}.0.{ldm_res}", "down_blocks.{b}.resnets.{j}.{diffusers_res}", "down_res"),
+    ("input_blocks.{i}.1.", "down_blocks.{b}.attentions.{j}.", "down_attn"),
+    ("input_blocks.{i}.0.op.", "down_blocks.{b}.downsamplers.0.conv.", "downsample"),
+    ("middle_block.0.{ldm_res}", "mid_block.resnets.0.{diffusers_res}", "res"),
+    ("middle_block.1.", "mid_block.attentions.0.", "mid_attn"),
+    ("middle_block.2.{ldm_res}", "mid_block.resnets.1.{diffusers_res}", "res"),
+    ("zero_convs.{n}.0.", "controlnet_down_blocks.{n}.", "zero_convs"),
+    ("middle_block_out.0.", "controlnet_mid_block.", ""),
+)
+RES_SUBKEYS: tuple[tuple[str, str], ...] = (
     ("in_layers.0.", "norm1."),
     ("in_layers.2.", "conv1."),
     ("emb_layers.1.", "time_emb_proj."),
@@ -51,13 +123,21 @@ DIFFUSERS_RES_SUBKEYS: tuple[tuple[str, str], ...] = (
     ("out_layers.3.", "conv2."),
     ("skip_connection.", "conv_shortcut."),
 )
-DIFFUSERS_DOWN_RES = ("input_blocks.{i}.0.", "down_blocks.{b}.resnets.{j}.")
-DIFFUSERS_DOWN_ATTN = ("input_blocks.{i}.1.", "down_blocks.{b}.attentions.{j}.")
-DIFFUSERS_DOWNSAMPLE = ("input_blocks.{i}.0.op.", "down_blocks.{b}.downsamplers.0.conv.")
-DIFFUSERS_MID = (("middle_block.0.", "mid_block.resnets.0."), ("middle_block.2.", "mid_block.resnets.1."))
-DIFFUSERS_MID_ATTN = ("middle_block.1.", "mid_block.attentions.0.")
-DIFFUSERS_ZERO_CONV = ("zero_convs.{n}.0.", "controlnet_down_blocks.{n}.")
+# Hint encoder: LDM Sequential index h = 2k + 2 for diffusers block k (SiLUs take the odd indices).
+HINT_BLOCK_COUNT = 6
+# Templates that reveal the diffusers layout of a state dict (counted while present).
+DIFFUSERS_LEVEL_KEY = "down_blocks.{n}.resnets.0.conv1.weight"
+DIFFUSERS_RES_KEY = "down_blocks.0.resnets.{n}.conv1.weight"
+DIFFUSERS_ATTN_KEY = "down_blocks.{b}.attentions.0.proj_in.weight"
+DIFFUSERS_MID_ATTN_KEY = "mid_block.attentions.0.proj_in.weight"
+# Shape fixes applied after renaming: (key, transform name). Used when config.json says the hint is BGR.
+BGR_HINT_FIXES: tuple[tuple[str, str], ...] = (("input_hint_block.0.weight", "flip_input_channels"),)
+
+# Weight files of a diffusers folder, in order of preference; `.index.json` files name shards.
 DIFFUSERS_WEIGHT_NAMES: tuple[str, ...] = (
-    "diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.fp16.safetensors", "diffusion_pytorch_model.bin",
-    "diffusion_pytorch_model.fp16.bin",
+    "diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.safetensors.index.json",
+    "diffusion_pytorch_model.fp16.safetensors", "diffusion_pytorch_model.fp16.safetensors.index.json",
+    "diffusion_pytorch_model.bin", "diffusion_pytorch_model.bin.index.json",
+    "diffusion_pytorch_model.fp16.bin", "diffusion_pytorch_model.fp16.bin.index.json",
 )
+DIFFUSERS_CONFIG_NAME = "config.json"

@@ -39,6 +39,14 @@ class Parallelism(str, Enum):
     FSDP = "fsdp"  # fully sharded ControlNet weights, gradients and optimiser state (for SDXL)
 
 
+# Names other trainers use for our fields (diffusers train_controlnet.py flags), for the unknown-key error.
+ALIASES = {"learning_rate": "lr", "train_batch_size": "batch_size", "gradient_accumulation_steps": "grad_accum",
+           "max_train_steps": "max_steps", "proportion_empty_prompts": "caption_dropout",
+           "checkpointing_steps": "save_every", "validation_steps": "validate_every",
+           "pretrained_model_name_or_path": "base", "controlnet_model_name_or_path": "controlnet_init",
+           "train_data_dir": "data", "guidance_scale": "cfg_scale", "validation_prompt": "validation_prompts",
+           "validation_image": "validation_conditions", "use_ema": "ema_decay"}
+
 PAPER_DEFAULT_PROMPT = "a professional, detailed, high-quality image"  # Zhang et al. 2023 §4.1
 
 
@@ -129,7 +137,7 @@ class TrainConfig:
         known = [f.name for f in dataclasses.fields(cls)]
         for key in data:
             if key not in known:
-                close = difflib.get_close_matches(key, known, n=1)
+                close = [ALIASES[key]] if key in ALIASES else difflib.get_close_matches(key, known, n=1)
                 hint = f"; did you mean {close[0]!r}?" if close else f"; known keys: {', '.join(known)}"
                 raise ValueError(f"unknown training config key {key!r}{hint}")
         return cls(**data)

@@ -145,8 +145,15 @@ class Run:
 
 
 def weight_dtype(cfg: TrainConfig) -> torch.dtype:
+    """Autocast dtype of mixed precision (also the storage dtype of the frozen base on GPUs)."""
     return {MixedPrecision.NO: torch.float32, MixedPrecision.FP16: torch.float16,
             MixedPrecision.BF16: torch.bfloat16}[cfg.mixed_precision]
+
+
+def base_dtype(cfg: TrainConfig, device: torch.device) -> torch.dtype:
+    """Storage dtype of the frozen base: half on GPUs (diffusers), fp32 on CPU, where GroupNorm refuses
+    half weights with fp32 inputs (autocast still computes matmuls and convs in half)."""
+    return torch.float32 if device.type == "cpu" else weight_dtype(cfg)
 
 
 def resolve_schedule(base: LockedBase, prediction_type: str) -> NoiseSchedule:
@@ -180,7 +187,7 @@ def build(cfg: TrainConfig, env: dist_util.DistEnv) -> Run:
     base = load_base(cfg.base, device=env.device, dtype=torch.float32)
     controlnet = initial_controlnet(cfg, base).to(env.device).train()
     controlnet.gradient_checkpointing = cfg.gradient_checkpointing
-    base.to(env.device, weight_dtype(cfg))
+    base.to(env.device, base_dtype(cfg, env.device))
     if cfg.mode is TrainMode.LARGE_SCALE:
         base.unet.float()  # weights unlocked later must be fp32 like every trainable weight
     base.unet.requires_grad_(False).eval()

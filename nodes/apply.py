@@ -1,38 +1,23 @@
-"""Apply node: a ControlNet with strength, step range, mode, mask and image fit, on positive and negative."""
+"""Apply node: a ControlNet with strength, step range, mode, mask, schedule and image fit, on positive and negative.
+
+Inputs shared with core Apply ControlNet (ControlNetApplyAdvanced) keep its names, defaults and ranges. It takes
+a CONTROL_NET from our loader, our compose node, or ComfyUI's own loaders, and chains after controls already in
+the conditioning (core or ours) the way core does.
+"""
 from __future__ import annotations
 
-from dataclasses import replace
 from typing import Any
 
 import torch
 
-from ..controlnet_model.accelerate import Acceleration
-from ..controlnet_model.hint import HintFit
-from ..controlnet_model.residuals import ControlMode, ControlSettings
 from ..controlnet_model.schedule import StrengthSchedule
-from .comfy_adapter import ZeroConvControl, make_control
-from .common import CATEGORY, host_image_to_hint
-
-MODES = [m.value for m in ControlMode]
-FITS = [f.value for f in HintFit]
-ACCELERATIONS = [a.value for a in Acceleration]
+from .comfy_adapter import as_control
+from .common import CATEGORY, control_widgets, host_image_to_hint, settings_from_inputs
 
 
-def control_widgets() -> dict:
-    """Strength, step range, mode and fit widgets shared by the apply and compose nodes (core names and ranges)."""
-    return {
-        "strength": ("FLOAT", {"default": 1.0, "min": 0.0, "max": 10.0, "step": 0.01}),
-        "start_percent": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 1.0, "step": 0.001}),
-        "end_percent": ("FLOAT", {"default": 1.0, "min": 0.0, "max": 1.0, "step": 0.001}),
-        "control_mode": (MODES, {"default": "balanced"}),
-        "fit": (FITS, {"default": "crop_and_resize", "tooltip": "how the image is fitted to the latent"}),
-        "accelerate": (ACCELERATIONS, {"default": "none",
-                                       "tooltip": "compile or CUDA-graph the ControlNet forward (CUDA only)"}),
-    }
-
-
-def attach_control(positive: list, negative: list, make: Any) -> tuple[list, list]:
-    """New conditioning lists whose dicts carry one new control per distinct previous control (shared by both)."""
+def attach_control(positive: list, negative: list, control: Any) -> tuple[list, list]:
+    """New conditioning lists whose dicts carry the control, one copy per distinct previous control, shared by
+    positive and negative (so ComfyUI batches cond and uncond in one call); the inputs are not modified."""
     made: dict[int, Any] = {}
     out = []
     for conditioning in (positive, negative):
@@ -41,39 +26,32 @@ def attach_control(positive: list, negative: list, make: Any) -> tuple[list, lis
             options = options.copy()
             previous = options.get("control")
             if id(previous) not in made:
-                made[id(previous)] = make(previous)
+                made[id(previous)] = control.copy().set_previous_controlnet(previous)
             options["control"], options["control_apply_to_uncond"] = made[id(previous)], False
             entries.append([tensor, options])
         out.append(entries)
     return out[0], out[1]
 
 
-def settings_from_inputs(strength: float, start_percent: float, end_percent: float, control_mode: str,
-                         mask: torch.Tensor | None, schedule: StrengthSchedule | None) -> ControlSettings:
-    return ControlSettings(strength=strength, start_percent=start_percent, end_percent=end_percent,
-                           mode=ControlMode(control_mode), mask=mask, schedule=schedule)
-
-
-def controlled(control_net: Any, hint: torch.Tensor, settings: ControlSettings, fit: str, vae: Any,
-               acceleration: str = "none") -> Any:
-    """A ready control object from ours (all options) or a core CONTROL_NET (balanced, no mask/schedule)."""
-    if isinstance(control_net, ZeroConvControl):
-        return make_control(tuple(p.applied(hint, settings, HintFit(fit)).with_acceleration(acceleration)
-                                  for p in control_net.parts))
-    if acceleration != "none" or settings.mode is not ControlMode.BALANCED or settings.mask is not None \
-            or settings.schedule is not None:
-        raise ValueError("modes other than balanced, masks, schedules and acceleration need a ControlNet loaded "
-                         "by ZeroConv's loader; this one came from another loader")
-    return control_net.copy().set_cond_hint(hint, settings.strength, (settings.start_percent, settings.end_percent),
-                                            vae=vae)
-
-
 class ZeroConvApplyControlNet:
-    """Apply a ControlNet to positive and negative conditioning (same inputs as core Apply ControlNet, and more)."""
+    """Apply a ControlNet to positive and negative conditioning (core Apply ControlNet's inputs, and more).
+
+    Args:
+        positive, negative: the conditioning to control.
+        control_net: from any ControlNet loader, or a composition.
+        image: the control image (B, H, W, C); grey and RGBA are accepted (alpha composites over black).
+        strength, start_percent, end_percent: as core; strength 0 leaves the conditioning as it is.
+        control_mode, fit, accelerate: see the tooltips.
+        vae: passed on to ControlNets that encode their hint with a VAE; SD1.x/SDXL ControlNets do not use it.
+        mask: where the control acts (1) or not (0); any size (resized per residual), one or one per latent.
+        schedule: a ZeroConv strength schedule, multiplying strength over the steps.
+    """
 
     DESCRIPTION = ("Adds a ControlNet to the conditioning. control_mode: balanced; prompt_more_important (soft "
                    "injection 0.825^(N-i)); controlnet_more_important (soft, conditional side only); "
-                   "cfg_resolution_weighting (the paper's CFG-RW, w_i = 64/h_i, conditional side only).")
+                   "cfg_resolution_weighting (the paper's CFG-RW, w_i = 64/h_i, conditional side only). "
+                   "A composed CONTROL_NET keeps each unit's own image, mode and mask; strength and range here "
+                   "scale and narrow all of them.")
     RETURN_TYPES = ("CONDITIONING", "CONDITIONING")
     RETURN_NAMES = ("positive", "negative")
     FUNCTION = "apply"
@@ -96,15 +74,17 @@ class ZeroConvApplyControlNet:
         if strength == 0.0:
             return (positive, negative)
         settings = settings_from_inputs(strength, start_percent, end_percent, control_mode, mask, schedule)
-        hint = host_image_to_hint(image)
-        control = controlled(control_net, hint, settings, fit, vae, accelerate)
-        return attach_control(positive, negative, lambda previous: control.copy().set_previous_controlnet(previous))
+        control = as_control(control_net).applied(host_image_to_hint(image), settings, fit, vae, accelerate)
+        return attach_control(positive, negative, control)
 
 
 class ZeroConvStrengthSchedule:
-    """Strength over the steps: keyframes 'percent:multiplier' (hold or linear), for apply and compose nodes."""
+    """Strength over the steps: keyframes 'percent:multiplier' (hold or linear), for apply and unit nodes."""
 
+    DESCRIPTION = ("Keyframes of sampling progress (0 = first step, 1 = last) to a strength multiplier, e.g. "
+                   "'0:1.0, 0.5:0.3'. Where the multiplier is 0 the ControlNet's forward is skipped.")
     RETURN_TYPES = ("ZEROCONV_SCHEDULE",)
+    RETURN_NAMES = ("schedule",)
     FUNCTION = "build"
     CATEGORY = f"{CATEGORY}/apply"
 

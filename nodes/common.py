@@ -1,54 +1,99 @@
-"""Shared node helpers: resolving ControlNet file names, and the tensor-layout conversion for hints."""
+"""Shared node helpers: ControlNet file names, the control widgets, settings from widgets, hint layout."""
 from __future__ import annotations
 
 import logging
 import os
+import re
 from pathlib import Path
 
 import torch
 
-from ..controlnet_model.hint import image_to_hint
-from .comfy_adapter import controlnet_folder_paths
+from ..controlnet_model.accelerate import Acceleration
+from ..controlnet_model.hint import HintFit, image_to_hint
+from ..controlnet_model.residuals import ControlMode, ControlSettings
+from ..controlnet_model.schedule import StrengthSchedule
+from .comfy_adapter import controlnet_folder_paths, host_controlnet_names
 
 logger = logging.getLogger(__name__)
 
 CATEGORY = "ZeroConv"
 WEIGHT_SUFFIXES = (".safetensors", ".sft", ".pth", ".pt", ".ckpt", ".bin")
+MODES = [m.value for m in ControlMode]
+FITS = [f.value for f in HintFit]
+ACCELERATIONS = [a.value for a in Acceleration]
+
+
+def control_widgets() -> dict:
+    """Strength, step range, mode, fit and acceleration widgets of the apply and unit nodes.
+
+    strength, start_percent and end_percent have core Apply ControlNet's names, defaults and ranges.
+    """
+    return {
+        "strength": ("FLOAT", {"default": 1.0, "min": 0.0, "max": 10.0, "step": 0.01}),
+        "start_percent": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 1.0, "step": 0.001}),
+        "end_percent": ("FLOAT", {"default": 1.0, "min": 0.0, "max": 1.0, "step": 0.001}),
+        "control_mode": (MODES, {"default": "balanced", "tooltip": "balanced; prompt_more_important (soft "
+                                 "injection); controlnet_more_important (soft, conditional side only); "
+                                 "cfg_resolution_weighting (the paper's CFG-RW, conditional side only)"}),
+        "fit": (FITS, {"default": "crop_and_resize", "tooltip": "how the image is fitted to the latent: centre crop "
+                       "then resize (as core), stretch, or fit inside and pad with black (no control there)"}),
+        "accelerate": (ACCELERATIONS, {"default": "none", "tooltip": "compile or CUDA-graph the ControlNet forward "
+                                       "(CUDA only; elsewhere the eager forward runs and the log says so)"}),
+    }
+
+
+def settings_from_inputs(strength: float, start_percent: float, end_percent: float, control_mode: str,
+                         mask: torch.Tensor | None, schedule: StrengthSchedule | None) -> ControlSettings:
+    """The library's settings from widget values; an empty mask is refused (it would silently disable the control)."""
+    if mask is not None and not bool((mask > 0).any()):
+        raise ValueError("the mask is all zero, so the ControlNet would do nothing; LoadImage gives an all-zero 64x64 "
+                         "mask for images without transparency: paint the area to control transparent, or disconnect "
+                         "the mask")
+    return ControlSettings(strength=strength, start_percent=start_percent, end_percent=end_percent,
+                           mode=ControlMode(control_mode), mask=mask, schedule=schedule)
 
 
 def list_controlnets() -> list[str]:
     """File names (relative to each ControlNet folder, '/'-separated) for the loader's combo."""
-    names = set()
-    for folder in controlnet_folder_paths():
-        root = Path(folder)
-        if root.is_dir():
-            names.update(p.relative_to(root).as_posix() for p in root.rglob("*") if p.suffix in WEIGHT_SUFFIXES)
-    return sorted(names)
+    names = host_controlnet_names()
+    if names is not None:
+        return list(names)
+    return sorted({n for f in controlnet_folder_paths() if Path(f).is_dir() for n in _weight_files(Path(f))})
 
 
-def _normalise(name: str) -> str:
-    return Path(name.replace("\\", "/")).stem.lower().replace("-", "_").replace(" ", "_")
+def _normalise(name: str, precision: bool = True) -> str:
+    """Case, separators, extension (and, when precision is False, an _fp16/_bf16/_fp32 suffix) do not count."""
+    stem = Path(name.replace("\\", "/")).stem.lower().replace("-", "_").replace(" ", "_").replace(".", "_")
+    return stem if precision else re.sub(r"_(fp16|bf16|fp32)$", "", stem)
 
 
 def resolve_controlnet(name: str) -> Path:
-    """The file a workflow names; if not found as written, the one with the same normalised name (logged)."""
+    """The file a workflow names. If it is not found as written: the file with the same normalised name, then
+    the same name but another precision, then the native file whose metadata records that name or content hash.
+    Which file was used is logged."""
     folders = [Path(f) for f in controlnet_folder_paths()]
     for folder in folders:
         candidate = folder / name.replace("\\", "/")
         if candidate.is_file():
             return candidate
-    wanted = _normalise(name)
-    matches = [folder / n for folder in folders for n in list_controlnets() if _normalise(n) == wanted
-               and (folder / n).is_file()]
-    if matches:
-        logger.warning("ControlNet %r not found as written; using %s (same name after normalising)", name, matches[0])
-        return matches[0]
+    files = [folder / n for folder in folders if folder.is_dir() for n in _weight_files(folder)]
+    for precision, why in ((True, "same name after normalising"), (False, "same name, other precision")):
+        matches = [f for f in files if _normalise(f.name, precision) == _normalise(name, precision)]
+        if matches:
+            logger.warning("ControlNet %r not found as written; using %s (%s%s)", name, matches[0], why,
+                           f"; other candidates: {[str(m) for m in matches[1:]]}" if len(matches) > 1 else "")
+            return matches[0]
     recorded = _find_by_metadata(name, folders)
     if recorded is not None:
-        logger.warning("ControlNet %r not found by name; using %s (its metadata names it)", name, recorded)
+        logger.warning("ControlNet %r not found by name; using %s (its metadata records that name or hash)",
+                       name, recorded)
         return recorded
     where = ", ".join(str(f) for f in folders) or "no ControlNet folder (set ZEROCONV_CONTROLNET_DIR outside ComfyUI)"
     raise FileNotFoundError(f"ControlNet file {name!r} was not found in {where}; put the file there or pick another")
+
+
+def _weight_files(folder: Path) -> list[str]:
+    return sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.suffix in WEIGHT_SUFFIXES)
 
 
 def _find_by_metadata(name: str, folders: list[Path]) -> Path | None:

@@ -1,8 +1,9 @@
-"""Compose nodes: several ControlNets, each with its own image, strength, range, mask and schedule, in one pass.
+"""Compose nodes: several ControlNets, each with its own image, strength, range, mode, mask and schedule, in one pass.
 
-Wire `ZeroConvControlUnit` nodes in a chain (each takes the previous stack), then `ZeroConvComposeControlNets`
-turns the stack into one CONTROL_NET for an apply node (ours or core). The sum equals chaining apply nodes
-(paper §3: composition by addition); the apply node's own image is not used for composed units.
+Wire `ZeroConvControlUnit` nodes in a chain (each takes the previous unit's stack; three or more controls are
+three or more units in a row), then `ZeroConvComposeControlNets` turns the stack into one CONTROL_NET for any
+apply node, ours or core. The residuals are summed (paper §3, composition by addition), which equals chaining
+one apply node per ControlNet. Units accept ControlNets from our loader and from ComfyUI's own loaders.
 """
 from __future__ import annotations
 
@@ -10,17 +11,23 @@ from typing import Any
 
 import torch
 
-from ..controlnet_model.accelerate import Acceleration
-from ..controlnet_model.hint import HintFit
 from ..controlnet_model.schedule import StrengthSchedule
-from .apply import control_widgets, settings_from_inputs
-from .comfy_adapter import ControlPart, ZeroConvControl, make_control
-from .common import CATEGORY, host_image_to_hint
+from .comfy_adapter import as_control, make_control
+from .common import CATEGORY, control_widgets, host_image_to_hint, settings_from_inputs
 
 
 class ZeroConvControlUnit:
-    """One ControlNet of a composition, added to a stack."""
+    """One ControlNet of a composition, with its own image and settings, added to a stack.
 
+    Args:
+        control_net: from any ControlNet loader.
+        image: this ControlNet's control image (B, H, W, C).
+        strength, start_percent, end_percent, control_mode, fit, accelerate: as on the apply node.
+        stack: the units before this one (leave empty for the first).
+        mask, schedule: as on the apply node, for this ControlNet only.
+    """
+
+    DESCRIPTION = "One ControlNet of a composition: chain units through 'stack', then Compose ControlNets."
     RETURN_TYPES = ("ZEROCONV_CONTROL_STACK",)
     RETURN_NAMES = ("stack",)
     FUNCTION = "add"
@@ -38,18 +45,17 @@ class ZeroConvControlUnit:
     def add(self, control_net: Any, image: torch.Tensor, strength: float, start_percent: float, end_percent: float,
             control_mode: str = "balanced", fit: str = "crop_and_resize", accelerate: str = "none", stack: tuple = (),
             mask: torch.Tensor | None = None, schedule: StrengthSchedule | None = None) -> tuple:
-        if not isinstance(control_net, ZeroConvControl):
-            raise ValueError("composition needs ControlNets loaded by ZeroConv's loader; chain core apply nodes instead")
         settings = settings_from_inputs(strength, start_percent, end_percent, control_mode, mask, schedule)
-        hint = host_image_to_hint(image)
-        parts = tuple(ControlPart(p.controlnet, hint, settings, HintFit(fit), p.name, composed=True,
-                                  acceleration=Acceleration(accelerate)) for p in control_net.parts)
-        return (tuple(stack) + parts,)
+        control = as_control(control_net).applied(host_image_to_hint(image), settings, fit, None, accelerate)
+        return (tuple(stack or ()) + tuple(part.as_unit() for part in control.parts),)
 
 
 class ZeroConvComposeControlNets:
     """A stack of ControlNet units as one CONTROL_NET, added in a single pass by any apply node."""
 
+    DESCRIPTION = ("Several ControlNets as one: connect the last ControlNet Unit. In an apply node each unit keeps "
+                   "its own image, mode and mask; the apply node's image is not used, its strength multiplies and "
+                   "its step range narrows every unit's.")
     RETURN_TYPES = ("CONTROL_NET",)
     FUNCTION = "compose"
     CATEGORY = f"{CATEGORY}/compose"
@@ -60,7 +66,7 @@ class ZeroConvComposeControlNets:
 
     def compose(self, stack: tuple) -> tuple:
         if not stack:
-            raise ValueError("the stack is empty; connect at least one ZeroConv Control Unit")
+            raise ValueError("the stack is empty; connect at least one ZeroConv ControlNet Unit")
         return (make_control(tuple(stack)),)
 
 

@@ -5,17 +5,29 @@ import logging
 from typing import Any
 
 from ..annotators.registry import suggest_annotator
-from ..controlnet_model.checkpoint import load_controlnet, load_controlnet_cached
-from .comfy_adapter import ControlPart, make_control
+from .comfy_adapter import load_control
 from .common import CATEGORY, list_controlnets, resolve_controlnet
 
 logger = logging.getLogger(__name__)
 
 
 class ZeroConvLoadControlNet:
-    """Load a ControlNet checkpoint (LDM v1.0/v1.1 layouts, pruned fp16, our native files)."""
+    """Load a ControlNet checkpoint from ComfyUI's `controlnet` model folder.
 
-    DESCRIPTION = "Loads a ControlNet file from the controlnet model folder; the result works with core apply nodes too."
+    Args:
+        control_net_name: a file in models/controlnet (outside ComfyUI: in the folder named by the environment
+            variable ZEROCONV_CONTROLNET_DIR). A name that is not found as written (renamed file, other path
+            separators or precision) is looked up by normalised name, then by the name or content hash recorded
+            in the file's metadata; the log says which file was used.
+        model: the base model, needed for diff ControlNets and Control-LoRA files (they store weights relative to it).
+
+    Reads LDM v1.0 (whole-SD, prefixed, pruned fp16), v1.1, diffusers files and folders, our native files, and
+    diff / Control-LoRA files; inside ComfyUI, formats ZeroConv does not read go through ComfyUI's own loader.
+    Weights are cached per file; ComfyUI's memory manager moves them to the GPU while sampling.
+    """
+
+    DESCRIPTION = ("Loads a ControlNet file from the controlnet model folder; the result also works in core apply "
+                   "nodes and chains with core ControlNets. Connect a MODEL for diff and Control-LoRA files.")
     RETURN_TYPES = ("CONTROL_NET",)
     FUNCTION = "load"
     CATEGORY = f"{CATEGORY}/loaders"
@@ -27,15 +39,12 @@ class ZeroConvLoadControlNet:
 
     def load(self, control_net_name: str, model: Any = None) -> tuple:
         path = resolve_controlnet(control_net_name)
-        if model is None:
-            loaded = load_controlnet_cached(path)
-        else:  # relative to this base model: not cached across models
-            loaded = load_controlnet(path, base_unet=model.model.diffusion_model)
-        if loaded.metadata.control_type:
-            suggestion = suggest_annotator(loaded.metadata.control_type)
+        control, metadata = load_control(path, model)
+        if metadata is not None and metadata.control_type:
+            suggestion = suggest_annotator(metadata.control_type)
             logger.info("%s is a %s ControlNet; make its condition with the %s annotator", path.name,
-                        loaded.metadata.control_type, suggestion or loaded.metadata.annotator or "matching")
-        return (make_control((ControlPart(loaded.model, name=path.name),)),)
+                        metadata.control_type, suggestion or metadata.annotator or "matching")
+        return (control,)
 
 
 NODE_CLASS_MAPPINGS = {"ZeroConvLoadControlNet": ZeroConvLoadControlNet}

@@ -1,21 +1,32 @@
-"""Nodes headless: loader, apply, compose, schedule, with stand-ins for the host and the tiny U-Net."""
+"""The nodes headless: their ComfyUI contract, the loader's file lookup, and what apply/unit/compose produce."""
 from __future__ import annotations
 
-from types import SimpleNamespace
+import logging
 
 import pytest
 import torch
 
-from zeroconv.controlnet_model import ControlSettings, ControlUnit, compute_residuals, init_from_unet
-from zeroconv.controlnet_model.checkpoint import save_controlnet
+import zeroconv
+from zeroconv.controlnet_model import init_from_unet
+from zeroconv.controlnet_model.checkpoint import read_metadata, save_controlnet
+from zeroconv.nodes import apply as apply_nodes, compose as compose_nodes, loaders as loader_nodes
 from zeroconv.nodes.apply import ZeroConvApplyControlNet, ZeroConvStrengthSchedule
-from zeroconv.nodes.comfy_adapter import ZeroConvControl
+from zeroconv.nodes.comfy_adapter import ControlPart, ZeroConvControl, make_control
 from zeroconv.nodes.compose import ZeroConvComposeControlNets, ZeroConvControlUnit
 from zeroconv.nodes.loaders import ZeroConvLoadControlNet
-from zeroconv.training.schedule import NoiseSchedule
-from zeroconv.workflow_runner.host import ModelSamplingDiscrete
 
 from .conftest import make_unet, randomize
+from .test_adapter_standins import CoreLikeControlNet, conditioning, image, one_thread
+
+OUR_IDS = {"ZeroConvLoadControlNet", "ZeroConvApplyControlNet", "ZeroConvStrengthSchedule", "ZeroConvControlUnit",
+           "ZeroConvComposeControlNets"}
+# core ControlNetApplyAdvanced (ComfyUI 0.3.64 nodes.py; comfyui-host.md §7): the inputs ours shares with it
+CORE_APPLY = {"required": {"positive": ("CONDITIONING",), "negative": ("CONDITIONING",),
+                           "control_net": ("CONTROL_NET",), "image": ("IMAGE",),
+                           "strength": ("FLOAT", {"default": 1.0, "min": 0.0, "max": 10.0, "step": 0.01}),
+                           "start_percent": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 1.0, "step": 0.001}),
+                           "end_percent": ("FLOAT", {"default": 1.0, "min": 0.0, "max": 1.0, "step": 0.001})},
+              "optional": {"vae": ("VAE",)}}
 
 
 @pytest.fixture
@@ -24,198 +35,66 @@ def folder(tmp_path, monkeypatch, tiny_controlnet):
     save_controlnet(tiny_controlnet, tmp_path / "sd15" / "Control-Canny.safetensors")
     other, _ = init_from_unet(make_unet("tiny"))
     save_controlnet(randomize(other, seed=9), tmp_path / "depth.safetensors")
+    save_controlnet(randomize(other, seed=10), tmp_path / "control_v11p_sd15_lineart.safetensors")
     return tmp_path
 
 
-def _model(unet):
-    ms = ModelSamplingDiscrete(NoiseSchedule.scaled_linear().alphas_cumprod)
-    return SimpleNamespace(model_sampling=ms, diffusion_model=unet)
+def test_nodes_follow_the_v1_contract_and_are_registered() -> None:
+    assert OUR_IDS <= set(zeroconv.NODE_CLASS_MAPPINGS)
+    for module in (loader_nodes, apply_nodes, compose_nodes):
+        for node_id, cls in module.NODE_CLASS_MAPPINGS.items():
+            assert node_id.startswith("ZeroConv") and node_id in module.NODE_DISPLAY_NAME_MAPPINGS
+            assert isinstance(cls.INPUT_TYPES(), dict) and isinstance(cls.RETURN_TYPES, tuple)
+            assert callable(getattr(cls(), cls.FUNCTION)) and cls.CATEGORY.startswith("ZeroConv") and cls.DESCRIPTION
+            assert not hasattr(cls, "RETURN_NAMES") or len(cls.RETURN_NAMES) == len(cls.RETURN_TYPES)
 
 
-def _conds(seed=0, batch=1):
-    gen = torch.Generator().manual_seed(seed)
-    return [[torch.randn(batch, 7, 32, generator=gen), {}]], [[torch.randn(batch, 7, 32, generator=gen), {}]]
+def test_apply_node_has_core_apply_inputs_first_with_the_same_ranges() -> None:
+    ours = ZeroConvApplyControlNet.INPUT_TYPES()
+    assert list(ours["required"])[:7] == list(CORE_APPLY["required"])
+    for name, spec in CORE_APPLY["required"].items():
+        assert ours["required"][name][0] == spec[0]
+        if len(spec) > 1:
+            assert {k: ours["required"][name][1][k] for k in spec[1]} == spec[1], name
+    assert ours["optional"]["vae"] == CORE_APPLY["optional"]["vae"]
+    assert ours["required"]["control_mode"][0] == ["balanced", "prompt_more_important", "controlnet_more_important",
+                                                   "cfg_resolution_weighting"]
+    assert ZeroConvApplyControlNet.RETURN_TYPES == ("CONDITIONING", "CONDITIONING")
+    assert ZeroConvApplyControlNet.RETURN_NAMES == ("positive", "negative")
+    unit = ZeroConvControlUnit.INPUT_TYPES()
+    assert {k: v for k, v in unit["required"].items() if k in ours["required"]} == \
+        {k: v for k, v in ours["required"].items() if k in unit["required"]}
 
 
-def _image(seed=3, channels=3):
-    return torch.rand(1, 64, 64, channels, generator=torch.Generator().manual_seed(seed))
+def test_loader_lists_the_folder_and_caches_per_file(folder, monkeypatch) -> None:
+    names = ZeroConvLoadControlNet.INPUT_TYPES()["required"]["control_net_name"][0]
+    assert names == ["control_v11p_sd15_lineart.safetensors", "depth.safetensors", "sd15/Control-Canny.safetensors"]
+    first = ZeroConvLoadControlNet().load("depth.safetensors")[0]
+    again = ZeroConvLoadControlNet().load("depth.safetensors")[0]
+    assert isinstance(first, ZeroConvControl) and again.parts[0].controlnet is first.parts[0].controlnet
+    monkeypatch.delenv("ZEROCONV_CONTROLNET_DIR")
+    assert ZeroConvLoadControlNet.INPUT_TYPES()["required"]["control_net_name"][0] == []
 
 
-def _sample_call(control, unet, sigma=3.0, cond_or_uncond=(0, 1)):
-    """One model call as ComfyUI's sampler makes it: pre_run, get_control on a cond+uncond batch, cleanup."""
-    model = _model(unet)
-    control.pre_run(model, model.model_sampling.percent_to_sigma)
-    x = torch.randn(len(cond_or_uncond), 4, 8, 8, generator=torch.Generator().manual_seed(5))
-    t = torch.full((x.shape[0],), sigma)
-    cond = {"c_crossattn": torch.randn(x.shape[0], 7, 32, generator=torch.Generator().manual_seed(6))}
-    try:
-        return control.get_control(x, t, cond, len(cond_or_uncond), {"cond_or_uncond": list(cond_or_uncond)}), (x, t, cond)
-    finally:
-        control.cleanup()
+def test_loader_finds_a_file_not_found_as_written_and_says_which(folder, caplog) -> None:
+    def loaded_name(name: str) -> str:
+        return ZeroConvLoadControlNet().load(name)[0].parts[0].name
 
-
-def _apply(control_net, image=None, **kw):
-    positive, negative = _conds()
-    args = dict(strength=1.0, start_percent=0.0, end_percent=1.0)
-    args.update(kw)
-    return ZeroConvApplyControlNet().apply(positive, negative, control_net, image if image is not None else _image(), **args)
-
-
-def test_loader_lists_and_resolves_renamed_files(folder) -> None:
-    assert "sd15/Control-Canny.safetensors" in ZeroConvLoadControlNet.INPUT_TYPES()["required"]["control_net_name"][0]
-    control = ZeroConvLoadControlNet().load("sd15\\Control-Canny.safetensors")[0]
-    assert isinstance(control, ZeroConvControl)
-    again = ZeroConvLoadControlNet().load("control_canny.safetensors")[0]
-    assert again.parts[0].controlnet is control.parts[0].controlnet, "cached per file"
-    (folder / "depth.safetensors").rename(folder / "renamed by user.safetensors")
-    by_metadata = ZeroConvLoadControlNet().load("old/depth.safetensors")[0]
-    assert by_metadata.parts[0].name == "renamed by user.safetensors"
-    from zeroconv.controlnet_model.checkpoint import read_metadata
-
-    digest = read_metadata(folder / "renamed by user.safetensors").content_hash
-    assert ZeroConvLoadControlNet().load(f"{digest[:12]}.safetensors")[0].parts[0].name == "renamed by user.safetensors"
-    with pytest.raises(FileNotFoundError, match="not found"):
+    with caplog.at_level(logging.WARNING):
+        assert loaded_name("sd15\\Control-Canny.safetensors") == "Control-Canny.safetensors"  # Windows separators
+        assert loaded_name("control_canny.pth") == "Control-Canny.safetensors"  # normalised name
+        assert loaded_name("control_v11p_sd15_lineart_fp16.safetensors") == "control_v11p_sd15_lineart.safetensors"
+        assert "other precision" in caplog.text and "control_v11p_sd15_lineart.safetensors" in caplog.text
+        (folder / "depth.safetensors").rename(folder / "renamed by user.safetensors")
+        assert loaded_name("old/depth.safetensors") == "renamed by user.safetensors"  # name in its metadata
+        digest = read_metadata(folder / "renamed by user.safetensors").content_hash
+        assert loaded_name(f"{digest[:12]}.safetensors") == "renamed by user.safetensors"  # content hash
+    assert "its metadata records that name or hash" in caplog.text
+    with pytest.raises(FileNotFoundError, match="'missing.safetensors' was not found"):
         ZeroConvLoadControlNet().load("missing.safetensors")
 
 
-def test_apply_shares_one_control_and_leaves_inputs_alone(folder) -> None:
-    control_net = ZeroConvLoadControlNet().load("depth.safetensors")[0]
-    positive, negative = _conds()
-    pos, neg = ZeroConvApplyControlNet().apply(positive, negative, control_net, _image(), 1.0, 0.0, 1.0)
-    assert pos[0][1]["control"] is neg[0][1]["control"]
-    assert pos[0][1]["control_apply_to_uncond"] is False
-    assert "control" not in positive[0][1] and control_net.parts[0].image is None
-    assert ZeroConvApplyControlNet().apply(positive, negative, control_net, _image(), 0.0, 0.0, 1.0) == (positive, negative)
-
-
-def test_get_control_equals_the_library(tiny_unet, tiny_controlnet) -> None:
-    from zeroconv.nodes.comfy_adapter import ControlPart, make_control
-
-    control = make_control((ControlPart(tiny_controlnet),))
-    pos, _ = _apply(control, strength=0.8)
-    out, (x, t, cond) = _sample_call(pos[0][1]["control"], tiny_unet)
-    ms = _model(tiny_unet).model_sampling
-    hint = _image().movedim(-1, 1)
-    ref = compute_residuals([ControlUnit(tiny_controlnet, hint, ControlSettings(strength=0.8))],
-                            ms.calculate_input(t, x), ms.timestep(t), cond["c_crossattn"], percent=0.5)
-    assert len(out["output"]) == 4 and out["input"] == []
-    for a, b in zip(out["output"] + out["middle"], ref.all):
-        torch.testing.assert_close(a, b)
-
-
-def test_step_range_and_cond_only_modes(tiny_unet, tiny_controlnet) -> None:
-    from zeroconv.nodes.comfy_adapter import ControlPart, make_control
-
-    control = make_control((ControlPart(tiny_controlnet),))
-    late, _ = _apply(control, start_percent=0.5, end_percent=1.0)
-    assert _sample_call(late[0][1]["control"], tiny_unet, sigma=14.0)[0] is None, "early step outside the range"
-    assert _sample_call(late[0][1]["control"], tiny_unet, sigma=0.1)[0] is not None
-    cond_only, _ = _apply(control, control_mode="controlnet_more_important")
-    out = _sample_call(cond_only[0][1]["control"], tiny_unet)[0]
-    assert all(torch.count_nonzero(r[1]) == 0 and r[0].abs().sum() > 0 for r in out["output"])
-
-
-def test_compose_equals_chained_apply_nodes(folder, tiny_unet) -> None:
-    canny = ZeroConvLoadControlNet().load("sd15/Control-Canny.safetensors")[0]
-    depth = ZeroConvLoadControlNet().load("depth.safetensors")[0]
-    img_a, img_b = _image(1), _image(2)
-    schedule = ZeroConvStrengthSchedule().build("0:1.0, 0.5:0.5", "hold")[0]
-    stack = ZeroConvControlUnit().add(canny, img_a, 0.7, 0.0, 1.0)[0]
-    stack = ZeroConvControlUnit().add(depth, img_b, 1.2, 0.0, 1.0, schedule=schedule, stack=stack)[0]
-    composed = ZeroConvComposeControlNets().compose(stack)[0]
-    single, _ = _apply(composed, image=_image(9))
-    chained_pos, chained_neg = _apply(canny, image=img_a, strength=0.7)
-    chained_pos, _ = ZeroConvApplyControlNet().apply(chained_pos, chained_neg, depth, img_b, 1.2, 0.0, 1.0,
-                                                     schedule=schedule)
-    a = _sample_call(single[0][1]["control"], tiny_unet)[0]
-    b = _sample_call(chained_pos[0][1]["control"], tiny_unet)[0]
-    for x, y in zip(a["output"] + a["middle"], b["output"] + b["middle"]):
-        torch.testing.assert_close(x, y)
-
-
-class CoreLikeControl:
-    """A stand-in for a core ControlBase: constant residuals, same protocol."""
-
-    def __init__(self, value: float):
-        self.value, self.previous_controlnet, self.calls = value, None, []
-
-    def copy(self):
-        return self
-
-    def set_cond_hint(self, hint, strength=1.0, timestep_percent_range=(0.0, 1.0), vae=None, extra_concat=None):
-        self.strength = strength
-        return self
-
-    def set_previous_controlnet(self, c):
-        self.previous_controlnet = c
-        return self
-
-    def pre_run(self, model, fn):
-        self.calls.append("pre_run")
-
-    def get_control(self, x, t, cond, batched_number, transformer_options):
-        shapes = [(x.shape[0], c, x.shape[2] // f, x.shape[3] // f) for c, f in make_unet().config.skip_layout()]
-        return {"input": [], "middle": [torch.full((x.shape[0], 64, 4, 4), self.value)],
-                "output": [torch.full(s, self.value) for s in shapes]}
-
-    def cleanup(self):
-        self.calls.append("cleanup")
-
-
-def test_chains_with_a_core_control(tiny_unet, tiny_controlnet) -> None:
-    from zeroconv.nodes.comfy_adapter import ControlPart, make_control
-
-    ours = make_control((ControlPart(tiny_controlnet),))
-    core = CoreLikeControl(0.5)
-    alone = _sample_call(_apply(ours)[0][0][1]["control"], tiny_unet)[0]
-    positive, negative = _conds()
-    positive[0][1]["control"] = negative[0][1]["control"] = core
-    pos, _ = ZeroConvApplyControlNet().apply(positive, negative, ours, _image(), 1.0, 0.0, 1.0)
-    chained = _sample_call(pos[0][1]["control"], tiny_unet)[0]
-    for a, b in zip(chained["output"], alone["output"]):
-        torch.testing.assert_close(a, b + 0.5)
-    assert core.calls == ["pre_run", "cleanup"]
-    used_by_core, _ = ZeroConvApplyControlNet().apply(*_conds(), core, _image(), 0.3, 0.0, 1.0)
-    assert used_by_core[0][1]["control"].strength == 0.3
-    with pytest.raises(ValueError, match="ZeroConv's loader"):
-        ZeroConvApplyControlNet().apply(*_conds(), core, _image(), 1.0, 0.0, 1.0, control_mode="prompt_more_important")
-
-
-def test_wrong_family_is_refused_before_sampling(tiny_controlnet) -> None:
-    from zeroconv.nodes.comfy_adapter import ControlPart, make_control
-
-    pos, _ = _apply(make_control((ControlPart(tiny_controlnet, name="canny.safetensors"),)))
-    sdxl_unet = make_unet("tiny-sdxl")
-    with pytest.raises(ValueError, match=r"canny\.safetensors is tiny SD1\.x-shaped.*tiny SDXL-shaped"):
-        pos[0][1]["control"].pre_run(_model(sdxl_unet), lambda p: 1.0)
-
-
-def test_bad_inputs_are_explained(tiny_unet, tiny_controlnet) -> None:
-    from zeroconv.nodes.comfy_adapter import ControlPart, make_control
-
-    control = make_control((ControlPart(tiny_controlnet),))
-    with pytest.raises(ValueError, match="swap"):
-        _apply(control, start_percent=0.9, end_percent=0.1)
-    for image in (_image(channels=1), _image(channels=4), torch.rand(1, 40, 100, 3)):
-        pos, _ = _apply(control, image=image)
-        assert _sample_call(pos[0][1]["control"], tiny_unet)[0] is not None
-    with pytest.raises(ValueError, match="mask"):
-        _apply(control, mask=torch.rand(2, 3, 8, 8))
-
-
-def test_cleanup_leaves_no_state(tiny_unet, tiny_controlnet) -> None:
-    from zeroconv.nodes.comfy_adapter import ControlPart, make_control
-
-    control = _apply(make_control((ControlPart(tiny_controlnet),)))[0][0][1]["control"]
-    before = set(vars(tiny_unet))
-    for _ in range(20):
-        _sample_call(control, tiny_unet)
-    assert control._units == {} and control._model_sampling is None and set(vars(tiny_unet)) == before
-
-
 def test_loader_suggests_the_annotator_from_metadata(tmp_path, monkeypatch, tiny_controlnet, caplog) -> None:
-    import logging
-
     from zeroconv.controlnet_model.checkpoint import ControlNetMetadata
 
     monkeypatch.setenv("ZEROCONV_CONTROLNET_DIR", str(tmp_path))
@@ -223,3 +102,62 @@ def test_loader_suggests_the_annotator_from_metadata(tmp_path, monkeypatch, tiny
     with caplog.at_level(logging.INFO):
         ZeroConvLoadControlNet().load("mine.safetensors")
     assert "mlsd ControlNet" in caplog.text and "lines annotator" in caplog.text
+
+
+def test_apply_shares_one_control_and_leaves_its_inputs_alone(folder) -> None:
+    control_net = ZeroConvLoadControlNet().load("depth.safetensors")[0]
+    positive, negative = conditioning()
+    pos, neg = ZeroConvApplyControlNet().apply(positive, negative, control_net, image(), 1.0, 0.0, 1.0)
+    assert pos[0][1]["control"] is neg[0][1]["control"] and pos[0][1]["control_apply_to_uncond"] is False
+    assert "control" not in positive[0][1] and control_net.parts[0].image is None
+    assert ZeroConvApplyControlNet().apply(positive, negative, control_net, image(), 0.0, 0.0, 1.0) == (positive,
+                                                                                                     negative)
+    again, _ = ZeroConvApplyControlNet().apply(pos, neg, control_net, image(), 1.0, 0.0, 1.0)
+    assert again[0][1]["control"].previous_controlnet is pos[0][1]["control"], "chains after the control already there"
+
+
+def test_units_stack_in_order_and_compose_into_one_control(tiny_controlnet) -> None:
+    stack = ()
+    for i, strength in enumerate((0.5, 1.0, 1.5)):
+        control = CoreLikeControlNet(tiny_controlnet) if i == 2 else make_control((ControlPart(tiny_controlnet),))
+        stack = ZeroConvControlUnit().add(control, image(i), strength, 0.1 * i, 1.0, stack=stack)[0]
+    assert [p.settings.strength for p in stack] == [0.5, 1.0, 1.5] and all(p.composed for p in stack)
+    assert [p.settings.start_percent for p in stack] == [0.0, 0.1, 0.2] and stack[2].host is not None
+    composed = ZeroConvComposeControlNets().compose(stack)[0]
+    pos, _ = ZeroConvApplyControlNet().apply(*conditioning(), composed, image(9), 0.5, 0.15, 0.9)
+    parts = pos[0][1]["control"].parts
+    assert [p.settings.strength for p in parts] == [0.25, 0.5, 0.75], "the apply node's strength multiplies"
+    assert [(p.settings.start_percent, p.settings.end_percent) for p in parts] == [(0.15, 0.9), (0.15, 0.9),
+                                                                                  (0.2, 0.9)], "and narrows"
+    assert all(torch.equal(p.image, image(i).movedim(-1, 1)) for i, p in enumerate(parts)), "own images kept"
+    with pytest.raises(ValueError, match="set control_mode, mask and schedule on each"):
+        ZeroConvApplyControlNet().apply(*conditioning(), composed, image(), 1.0, 0.0, 1.0,
+                                        control_mode="prompt_more_important")
+    with pytest.raises(ValueError, match="stack is empty"):
+        ZeroConvComposeControlNets().compose(())
+
+
+def test_bad_inputs_are_explained_before_sampling(tiny_controlnet) -> None:
+    control = make_control((ControlPart(tiny_controlnet),))
+
+    def apply(**kw):
+        args = dict(strength=1.0, start_percent=0.0, end_percent=1.0) | kw
+        img = args.pop("img", image())
+        return ZeroConvApplyControlNet().apply(*conditioning(), control, img, **args)
+
+    with pytest.raises(ValueError, match="swap them"):
+        apply(start_percent=0.9, end_percent=0.1)
+    with pytest.raises(ValueError, match="mask is all zero"):
+        apply(mask=torch.zeros(1, 64, 64))
+    with pytest.raises(ValueError, match="mask must be"):
+        apply(mask=torch.rand(2, 3, 8, 8))
+    with pytest.raises(ValueError, match="NaN"):
+        apply(img=torch.full((1, 64, 64, 3), float("nan")))
+    with pytest.raises(ValueError, match="5 channels"):
+        apply(img=torch.rand(1, 64, 64, 5))
+    with pytest.raises(ValueError, match="not a CONTROL_NET"):
+        ZeroConvApplyControlNet().apply(*conditioning(), object(), image(), 1.0, 0.0, 1.0)
+    with pytest.raises(ValueError, match="cannot read keyframe"):
+        ZeroConvStrengthSchedule().build("0.5 -> 1", "hold")
+    with pytest.raises(ValueError, match="strictly increasing"):
+        ZeroConvStrengthSchedule().build("0.5:1, 0.2:0.3", "linear")

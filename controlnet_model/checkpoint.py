@@ -13,7 +13,6 @@ dtype and device asked for. Write: native safetensors (bare LDM keys + metadata)
 from __future__ import annotations
 
 import functools
-import hashlib
 import json
 import logging
 from collections import Counter
@@ -29,9 +28,9 @@ from . import keymaps as km
 from .atomic import atomic_save_safetensors, atomic_write_text
 from .config import FAMILY_BY_CONTEXT_DIM, ControlNetConfig
 from .diffusers_format import config_changes, diffusers_config, is_bgr, read_config_json
-from .metadata import FORMAT_VERSION, PREFIX, ControlNetMetadata, control_type_from_name
+from .metadata import FORMAT_VERSION, PREFIX, ControlNetMetadata, content_hash, control_type_from_name
 from .network import ControlNet
-from .safetensors_io import WeightFile, open_weights
+from .safetensors_io import WeightFile, constant, open_weights, read_state_dict
 
 logger = logging.getLogger(__name__)
 
@@ -329,27 +328,22 @@ def _sidecar(fmt: CheckpointFormat, file: Path) -> Sidecar:
 # ---- plans: which tensor each ControlNet key gets, before anything is read ---------------------------------
 def _plan(fmt: CheckpointFormat, weights: WeightFile, names: dict[str, str], base: dict[str, torch.Tensor] | None,
           sidecar: Sidecar) -> Plan:
-    file = weights.path
-    if fmt is CheckpointFormat.LDM_FULL:
-        return _renamed(weights, names, km.LDM_PREFIXED_RULES, ignore=_is_whole_model_key)
-    if fmt is CheckpointFormat.LDM_PREFIXED:
-        return _renamed(weights, names, km.LDM_PREFIXED_RULES)
-    if fmt is CheckpointFormat.LDM:
-        return _renamed(weights, names, km.LDM_BARE_RULES)
     if fmt is CheckpointFormat.DIFFUSERS:
         plan = _renamed(weights, names, invert(ldm_diffusers_rules(diffusers_layout(names))))
         return _apply_fixes(plan, km.BGR_HINT_FIXES) if is_bgr(sidecar.diffusers) else plan
-    assert base is not None  # NEEDS_BASE formats got one from _base_weights
+    plan = _renamed(weights, names, *km.LDM_LAYOUTS[fmt.value])
     if fmt is CheckpointFormat.DIFF:
-        return _plan_diff(_renamed(weights, names, km.LDM_PREFIXED_RULES, ignore=km.DIFF_MARKER.__eq__), base, file)
-    return _plan_control_lora(_renamed(weights, names, km.LDM_BARE_RULES, ignore=km.CONTROL_LORA_MARKER.__eq__),
-                              base, file)
+        return _plan_diff(plan, base or {}, weights.path)
+    if fmt is CheckpointFormat.CONTROL_LORA:
+        return _plan_control_lora(plan, base or {}, weights.path)
+    return plan
 
 
-def _renamed(weights: WeightFile, names: dict[str, str], rules: Rules,
-             ignore: Callable[[str], bool] = lambda key: False) -> Plan:
-    """Rename the keys not ignored by `rules`; a key left unmatched is an error naming it (STYLE §4)."""
-    converted, unmatched = apply_rules({k: v for k, v in names.items() if not ignore(k)}, rules)
+def _renamed(weights: WeightFile, names: dict[str, str], rules: Rules, other_prefixes: tuple[str, ...] = (),
+             other_keys: tuple[str, ...] = ()) -> Plan:
+    """Rename by `rules`, leaving out the file's other contents; a key left unplaced is an error (STYLE §4)."""
+    kept = {k: v for k, v in names.items() if not (k.startswith(other_prefixes) or k in other_keys)}
+    converted, unmatched = apply_rules(kept, rules)
     if unmatched:
         raise KeyError(f"{weights.path}: {len(unmatched)} keys have no place in the detected layout, e.g. "
                        f"{sorted(unmatched)[:10]}; the file mixes layouts or is not a plain ControlNet")
@@ -358,11 +352,6 @@ def _renamed(weights: WeightFile, names: dict[str, str], rules: Rules,
 
 def _from_file(weights: WeightFile, key: str) -> Source:
     return Source(weights.shapes[key], functools.partial(weights.load, key))
-
-
-def _is_whole_model_key(key: str) -> bool:
-    """The SD model and schedule buffers inside a v1.0 full file (keymaps.LDM_FULL_OTHER_*)."""
-    return key.startswith(km.LDM_FULL_OTHER_PREFIXES) or key in km.LDM_FULL_OTHER_KEYS
 
 
 FIXES: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
@@ -391,7 +380,10 @@ def _plan_diff(stored: Plan, base: dict[str, torch.Tensor], file: Path) -> Plan:
         if key not in base:
             raise KeyError(f"{file} holds a delta for {key} but the base model has no such weight; give the "
                            "base model the diff was made for")
-        _same_shape(key, src.meta, base[key], file)
+        if src.meta.shape != base[key].shape:
+            raise ValueError(f"{file}: {key} is {tuple(src.meta.shape)} in the file but {tuple(base[key].shape)} in "
+                             "the base model; the file was made for another model family: give the base model it "
+                             "was made for")
         plan[key] = Source(src.meta, functools.partial(_add_base, src.load, base[key]))
     return plan
 
@@ -409,7 +401,7 @@ def _plan_control_lora(stored: Plan, base: dict[str, torch.Tensor], file: Path) 
         if key in plan:
             whole = plan[key]
         elif key in base:
-            whole = Source(_meta(base[key]), functools.partial(_identity, base[key]))
+            whole = _held(base[key])
         else:
             raise KeyError(f"{file}: Control-LoRA factors {module}.up/.down have no base weight {key}; give the "
                            "base model the Control-LoRA was made for")
@@ -428,22 +420,17 @@ def _fill_from_base(plan: Plan, config: ControlNetConfig, base: dict[str, torch.
     filled = dict(plan)
     for key in expected_state(config):
         if key not in filled and key in base:
-            filled[key] = Source(_meta(base[key]), functools.partial(_identity, base[key]))
+            filled[key] = _held(base[key])
     return filled
-
-
-def _same_shape(key: str, stored: torch.Tensor, base: torch.Tensor, file: Path) -> None:
-    if stored.shape != base.shape:
-        raise ValueError(f"{file}: {key} is {tuple(stored.shape)} in the file but {tuple(base.shape)} in the base "
-                         "model; the file was made for another model family: give the base model it was made for")
 
 
 def _meta(tensor: torch.Tensor) -> torch.Tensor:
     return torch.empty_like(tensor, device="meta")
 
 
-def _identity(tensor: torch.Tensor) -> torch.Tensor:
-    return tensor
+def _held(tensor: torch.Tensor) -> Source:
+    """A tensor already in memory (the base U-Net's) as a plan entry."""
+    return Source(_meta(tensor), constant(tensor))
 
 
 def _add_base(load: Callable[[], torch.Tensor], base: torch.Tensor) -> torch.Tensor:
@@ -468,7 +455,8 @@ def _resolve_config(weights: WeightFile, plan: Plan, base: dict[str, torch.Tenso
         try:
             return ControlNetConfig.from_json(stored)
         except (ValueError, TypeError) as exc:
-            raise ValueError(f"{weights.path}: its zeroconv_config metadata is invalid ({exc}); re-save the file") from None
+            raise ValueError(f"{weights.path}: its zeroconv_config metadata is invalid ({exc}); re-save the "
+                             "file with save_controlnet") from None
     shapes = {k: _meta(v) for k, v in (base or {}).items()}
     shapes.update({k: s.meta for k, s in plan.items()})
     try:
@@ -518,18 +506,24 @@ def expected_state(config: ControlNetConfig) -> dict[str, torch.Tensor]:
         return dict(ControlNet(config).state_dict())
 
 
+def check_fits(shapes: Mapping[str, torch.Tensor], config: ControlNetConfig, what: str) -> dict[str, torch.Tensor]:
+    """Strict check of names and shapes against the architecture: KeyError / ValueError naming what is off."""
+    expected = expected_state(config)
+    unexpected, missing = sorted(set(shapes) - set(expected)), sorted(set(expected) - set(shapes))
+    if unexpected or missing:
+        raise KeyError(f"{what} does not match the {config.family} architecture: {len(unexpected)} unexpected keys "
+                       f"{unexpected[:10]}, {len(missing)} missing keys {missing[:10]}; it is incomplete or not a "
+                       "ControlNet of this kind")
+    wrong = [f"{k} {tuple(shapes[k].shape)} != {tuple(t.shape)}" for k, t in expected.items()
+             if shapes[k].shape != t.shape]
+    if wrong:
+        raise ValueError(f"{what}: {len(wrong)} tensors have the wrong shape for {config.family}, e.g. {wrong[:5]}")
+    return expected
+
+
 def _build(config: ControlNetConfig, plan: Plan, file: Path, dtype: torch.dtype, device: torch.device) -> ControlNet:
     """Check every key and shape, then read the tensors one at a time into `dtype` on `device` (strict)."""
-    expected = expected_state(config)
-    unexpected, missing = sorted(set(plan) - set(expected)), sorted(set(expected) - set(plan))
-    if unexpected or missing:
-        raise KeyError(f"{file} does not match the {config.family} architecture: {len(unexpected)} unexpected keys "
-                       f"{unexpected[:10]}, {len(missing)} missing keys {missing[:10]}; the file is incomplete or "
-                       "not a ControlNet of this kind")
-    wrong = [f"{k} {tuple(plan[k].meta.shape)} != {tuple(t.shape)}" for k, t in expected.items()
-             if plan[k].meta.shape != t.shape]
-    if wrong:
-        raise ValueError(f"{file}: {len(wrong)} tensors have the wrong shape for {config.family}, e.g. {wrong[:5]}")
+    expected = check_fits({k: s.meta for k, s in plan.items()}, config, str(file))
     tensors = {key: plan[key].load().to(device=device, dtype=dtype) for key in expected}  # one at a time
     with torch.device("meta"):
         model = ControlNet(config)
@@ -547,22 +541,6 @@ def _describe(weights: WeightFile, config: ControlNetConfig, fmt: CheckpointForm
 
 
 # ---- writing ----------------------------------------------------------------------------------------------
-def content_hash(source: Mapping[str, torch.Tensor] | nn.Module | str | Path) -> str:
-    """sha256 over sorted key names, dtypes, shapes and bytes: the same for a state dict and the file it is in."""
-    if isinstance(source, (str, Path)):
-        weights = open_weights(source)
-        items: Iterable[tuple[str, torch.Tensor]] = ((k, weights.load(k)) for k in sorted(weights.keys()))
-    else:
-        state = source.state_dict() if isinstance(source, nn.Module) else source
-        items = ((k, state[k]) for k in sorted(state))
-    digest = hashlib.sha256()
-    for key, tensor in items:
-        t = tensor.detach().cpu().contiguous()
-        digest.update(f"{key}|{t.dtype}|{tuple(t.shape)}".encode())
-        digest.update(t.reshape(-1).view(torch.uint8).numpy())
-    return digest.hexdigest()
-
-
 def save_controlnet(model_or_state: ControlNet | Mapping[str, torch.Tensor], path: str | Path,
                     metadata: ControlNetMetadata | None = None, *, config: ControlNetConfig | None = None,
                     dtype: torch.dtype | None = None) -> Path:
@@ -575,7 +553,7 @@ def save_controlnet(model_or_state: ControlNet | Mapping[str, torch.Tensor], pat
     state, config = _state_and_config(model_or_state, config, meta)
     config = config.replace(global_average_pooling=config.global_average_pooling or meta.global_average_pooling)
     state = {k: _detached(v, dtype) for k, v in state.items()}
-    _check_state(state, config, path)
+    check_fits(state, config, f"the state dict to write to {path}")
     meta = meta.replace(family=meta.family or config.family, config=config.to_json(), content_hash=content_hash(state),
                         global_average_pooling=config.global_average_pooling, saved_as=path.name,
                         provenance=meta.provenance or "zeroconv save_controlnet")
@@ -596,16 +574,6 @@ def _detached(tensor: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
     return tensor.detach().to(device="cpu", dtype=dtype or tensor.dtype).contiguous()
 
 
-def _check_state(state: Mapping[str, torch.Tensor], config: ControlNetConfig, path: Path) -> None:
-    """Refuse to write a file that would not load back strictly."""
-    expected = expected_state(config)
-    unexpected, missing = sorted(set(state) - set(expected)), sorted(set(expected) - set(state))
-    wrong = [k for k in set(state) & set(expected) if state[k].shape != expected[k].shape]
-    if unexpected or missing or wrong:
-        raise KeyError(f"not writing {path}: the state dict does not match {config.family}: unexpected "
-                       f"{unexpected[:10]}, missing {missing[:10]}, wrong shapes {sorted(wrong)[:10]}")
-
-
 def export_diffusers(model: ControlNet, folder: str | Path, dtype: torch.dtype | None = None) -> Path:
     """Write `config.json` + `diffusion_pytorch_model.safetensors` that diffusers' from_pretrained loads."""
     folder = Path(folder)
@@ -617,12 +585,6 @@ def export_diffusers(model: ControlNet, folder: str | Path, dtype: torch.dtype |
     atomic_save_safetensors(converted, folder / "diffusion_pytorch_model.safetensors", {"format": "pt"})
     atomic_write_text(folder / km.DIFFUSERS_CONFIG_NAME, config_text)
     return folder
-
-
-def read_state_dict(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """Every tensor of a file as stored (memory-mapped where the format allows) and its string metadata."""
-    weights = open_weights(path)
-    return {k: weights.load(k) for k in weights.keys()}, weights.metadata
 
 
 def read_metadata(path: str | Path) -> ControlNetMetadata:

@@ -52,8 +52,6 @@ FORMAT_MARKERS: tuple[tuple[str, tuple[str, ...]], ...] = (
 
 # Wrapper prefixes added by torch.compile and DataParallel; stripped when every key has one.
 WRAPPER_PREFIXES: tuple[str, ...] = ("_orig_mod.", "module.")
-# Pickles that nest the weights under one key (Lightning .ckpt, the kohya diff .pth writer).
-NESTED_STATE_KEYS: tuple[str, ...] = ("state_dict",)
 
 # ---- LDM layouts (A: v1.0 full, B: pruned, C: diff, D: v1.1) ----------------------------------------------
 # The ControlNet inside a whole-model v1.0 file, and the prefix-stripped (bare) layout everything converts to.
@@ -74,6 +72,15 @@ DIFF_MARKER = "difference"
 # Control-LoRA: the marker, and the factor suffixes; weight = base + up.flatten(1) @ down.flatten(1).
 CONTROL_LORA_MARKER = "lora_controlnet"
 CONTROL_LORA_UP, CONTROL_LORA_DOWN = ".up", ".down"
+# Each LDM-named format: (rename rules to bare LDM keys, prefixes and keys of other things the file holds,
+# left out of the ControlNet). Anything else that the rules do not place is an error.
+LDM_LAYOUTS: dict[str, tuple[tuple[tuple[str, str], ...], tuple[str, ...], tuple[str, ...]]] = {
+    "ldm_full": (LDM_PREFIXED_RULES, LDM_FULL_OTHER_PREFIXES, LDM_FULL_OTHER_KEYS),
+    "ldm_prefixed": (LDM_PREFIXED_RULES, (), ()),
+    "ldm": (LDM_BARE_RULES, (), ()),
+    "diff": (LDM_PREFIXED_RULES, (), (DIFF_MARKER,)),
+    "control_lora": (LDM_BARE_RULES, (), (CONTROL_LORA_MARKER,)),
+}
 
 # ---- sidecar configuration (not in the weights) -------------------------------------------------------------
 # v1.1 `.yaml` beside the file: where the ControlNet's params sit, and which we read (the weights fix the rest).
@@ -82,16 +89,6 @@ YAML_HEAD_FIELDS: tuple[str, ...] = ("num_heads", "num_head_channels")
 YAML_POOLING_FIELD = "global_average_pooling"
 # Shuffle models need global average pooling; third-party files without a config are recognised by name.
 SHUFFLE_NAME_SUFFIXES: tuple[str, ...] = ("_shuffle", "_shuffle_fp16")
-
-# Control types by a token of the file name (official v1.0/v1.1/SDXL names), most specific first, so the loader
-# can describe third-party files (and the nodes suggest the annotator) when no metadata says it.
-CONTROL_TYPE_BY_NAME_TOKEN: tuple[tuple[str, str], ...] = (
-    ("lineart_anime", "lineart_anime"), ("lineart", "lineart"), ("softedge", "softedge"), ("canny", "canny"),
-    ("depth", "depth"), ("openpose", "openpose"), ("pose", "openpose"), ("normalbae", "normal"),
-    ("normal", "normal"), ("scribble", "scribble"), ("sketch", "scribble"), ("mlsd", "mlsd"), ("hed", "hed"),
-    ("seg", "seg"), ("shuffle", "shuffle"), ("tile", "tile"), ("inpaint", "inpaint"), ("ip2p", "ip2p"),
-    ("recolor", "recolor"), ("color", "color"), ("blur", "tile"),
-)
 
 # ---- LDM <-> diffusers (formats §2.3) ---------------------------------------------------------------------
 # (LDM pattern, diffusers pattern, index set). The index set names the placeholder values the pattern is
@@ -133,11 +130,4 @@ DIFFUSERS_MID_ATTN_KEY = "mid_block.attentions.0.proj_in.weight"
 # Shape fixes applied after renaming: (key, transform name). Used when config.json says the hint is BGR.
 BGR_HINT_FIXES: tuple[tuple[str, str], ...] = (("input_hint_block.0.weight", "flip_input_channels"),)
 
-# Weight files of a diffusers folder, in order of preference; `.index.json` files name shards.
-DIFFUSERS_WEIGHT_NAMES: tuple[str, ...] = (
-    "diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.safetensors.index.json",
-    "diffusion_pytorch_model.fp16.safetensors", "diffusion_pytorch_model.fp16.safetensors.index.json",
-    "diffusion_pytorch_model.bin", "diffusion_pytorch_model.bin.index.json",
-    "diffusion_pytorch_model.fp16.bin", "diffusion_pytorch_model.fp16.bin.index.json",
-)
 DIFFUSERS_CONFIG_NAME = "config.json"

@@ -2,16 +2,30 @@
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Iterable, Mapping
 
-from .keymaps import CONTROL_TYPE_BY_NAME_TOKEN
+import torch
+from torch import nn
+
+from .safetensors_io import open_weights
 
 PREFIX = "zeroconv_"
 EXTRA_PREFIX = "zeroconv_x_"
 FORMAT_VERSION = "1"  # of the native layout: bare LDM keys + these metadata keys
+
+# Control types by a token of the file name (official v1.0/v1.1/SDXL names), most specific first, so the loader
+# can describe third-party files (and the nodes suggest the annotator) when no metadata says it.
+CONTROL_TYPE_BY_NAME_TOKEN: tuple[tuple[str, str], ...] = (
+    ("lineart_anime", "lineart_anime"), ("lineart", "lineart"), ("softedge", "softedge"), ("canny", "canny"),
+    ("depth", "depth"), ("openpose", "openpose"), ("pose", "openpose"), ("normalbae", "normal"),
+    ("normal", "normal"), ("scribble", "scribble"), ("sketch", "scribble"), ("mlsd", "mlsd"), ("hed", "hed"),
+    ("seg", "seg"), ("shuffle", "shuffle"), ("tile", "tile"), ("inpaint", "inpaint"), ("ip2p", "ip2p"),
+    ("recolor", "recolor"), ("color", "color"), ("blur", "tile"),
+)
 
 
 @dataclass(frozen=True)
@@ -77,3 +91,19 @@ def control_type_from_name(path: str | Path) -> str:
         if token in tokens or ("_" in token and token in stem):
             return control_type
     return ""
+
+
+def content_hash(source: Mapping[str, torch.Tensor] | nn.Module | str | Path) -> str:
+    """sha256 over sorted key names, dtypes, shapes and bytes: the same for a state dict, a model and its file."""
+    if isinstance(source, (str, Path)):
+        weights = open_weights(source)
+        items: Iterable[tuple[str, torch.Tensor]] = ((k, weights.load(k)) for k in sorted(weights.keys()))
+    else:
+        state = source.state_dict() if isinstance(source, nn.Module) else source
+        items = ((k, state[k]) for k in sorted(state))
+    digest = hashlib.sha256()
+    for key, tensor in items:
+        t = tensor.detach().cpu().contiguous()
+        digest.update(f"{key}|{t.dtype}|{tuple(t.shape)}".encode())
+        digest.update(t.reshape(-1).view(torch.uint8).numpy())
+    return digest.hexdigest()

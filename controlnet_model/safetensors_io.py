@@ -16,8 +16,6 @@ from typing import Any, Callable
 
 import torch
 
-from .keymaps import DIFFUSERS_WEIGHT_NAMES, NESTED_STATE_KEYS
-
 logger = logging.getLogger(__name__)
 
 SAFETENSORS_SUFFIXES = (".safetensors", ".sft")
@@ -28,6 +26,15 @@ SAFETENSORS_DTYPES: dict[str, torch.dtype] = {
     "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2, "I64": torch.int64, "I32": torch.int32,
     "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool,
 }
+# Weight files of a diffusers folder, in order of preference; `.index.json` files name shards.
+DIFFUSERS_WEIGHT_NAMES: tuple[str, ...] = (
+    "diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.safetensors.index.json",
+    "diffusion_pytorch_model.fp16.safetensors", "diffusion_pytorch_model.fp16.safetensors.index.json",
+    "diffusion_pytorch_model.bin", "diffusion_pytorch_model.bin.index.json",
+    "diffusion_pytorch_model.fp16.bin", "diffusion_pytorch_model.fp16.bin.index.json",
+)
+# Pickles that nest the weights under one key (Lightning .ckpt, the kohya diff .pth writer).
+NESTED_STATE_KEYS: tuple[str, ...] = ("state_dict",)
 REFETCH = "it may be truncated or corrupt: download or copy it again"
 # Pickle opcodes that import or call objects (pickletools names); weights-only pickles need none of them.
 CODE_OPCODES = frozenset({"GLOBAL", "STACK_GLOBAL", "INST", "OBJ", "REDUCE", "NEWOBJ", "NEWOBJ_EX", "BUILD"})
@@ -60,7 +67,8 @@ def find_weights(path: Path) -> Path:
     for name in DIFFUSERS_WEIGHT_NAMES:
         if (path / name).is_file():
             return path / name
-    raise FileNotFoundError(f"{path} is a folder without diffusers weights (looked for {', '.join(DIFFUSERS_WEIGHT_NAMES)}); "
+    looked = ", ".join(DIFFUSERS_WEIGHT_NAMES)
+    raise FileNotFoundError(f"{path} is a folder without diffusers weights (looked for {looked}); "
                             "download diffusion_pytorch_model.safetensors and config.json into it, or give a file")
 
 
@@ -115,8 +123,13 @@ def _open_pickle(file: Path) -> WeightFile:
         raise ValueError(f"{file} mixes tensors with other objects (e.g. {odd[:5]}); it is not a flat weight file: "
                          "give the ControlNet's state dict saved with torch.save or safetensors")
     shapes = {k: torch.empty_like(v, device="meta") for k, v in loaded.items()}
-    readers = {k: functools.partial(_identity, v) for k, v in loaded.items()}
+    readers = {k: constant(v) for k, v in loaded.items()}
     return WeightFile(file, {}, shapes, readers)
+
+
+def constant(tensor: torch.Tensor) -> Callable[[], torch.Tensor]:
+    """A reader for a tensor already in memory (or memory-mapped)."""
+    return functools.partial(_identity, tensor)
 
 
 def _identity(tensor: torch.Tensor) -> torch.Tensor:
@@ -139,7 +152,8 @@ def _torch_load(file: Path) -> Any:
                              "weights), and that code is never run. If you trust its source, convert it to "
                              ".safetensors with the tool that made it") from None
         detail = next((line.strip() for line in text.splitlines() if "Unsupported" in line), text.split("\n")[0])
-        raise ValueError(f"{file} is not a readable checkpoint ({type(exc).__name__}: {detail[:200]}); {REFETCH}") from None
+        raise ValueError(f"{file} is not a readable checkpoint ({type(exc).__name__}: {detail[:200]}); "
+                         f"{REFETCH}") from None
 
 
 def _wants_code(file: Path) -> bool:
@@ -171,6 +185,7 @@ def _open_shards(index: Path) -> WeightFile:
     return WeightFile(index, metadata, shapes, readers)
 
 
-def read_header_metadata(path: str | Path) -> dict[str, str]:
-    """String metadata of a safetensors file (or a diffusers folder's weights) without reading tensors."""
-    return open_weights(path).metadata
+def read_state_dict(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Every tensor of a file as stored (memory-mapped where the format allows) and its string metadata."""
+    weights = open_weights(path)
+    return {k: weights.load(k) for k in weights.keys()}, weights.metadata

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 from pathlib import Path
 
 logger = logging.getLogger(__name__)
@@ -42,7 +43,8 @@ def run_train(args: argparse.Namespace) -> int:
     from .loop import train
 
     result = train(cfg)
-    logger.info("ControlNet: %s%s", result.checkpoint, f"; diffusers: {result.diffusers}" if result.diffusers else "")
+    if os.environ.get("RANK", "0") == "0":  # under torchrun every process returns; one reports
+        logger.info("ControlNet: %s%s", result.checkpoint, f"; diffusers: {result.diffusers}" if result.diffusers else "")
     return 0
 
 

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import logging
-import os
 import re
 from pathlib import Path
 
@@ -116,9 +115,13 @@ def _find_by_metadata(name: str, folders: list[Path]) -> Path | None:
 
 
 def host_image_to_hint(image: torch.Tensor) -> torch.Tensor:
-    """IMAGE (B, H, W, C) in [0, 1] to a hint (B, 3, H, W): the one place node tensors change layout."""
-    return image_to_hint(image)
+    """IMAGE (B, H, W, C) to a hint (B, 3, H, W): the one place node tensors change layout.
 
-
-def env_flag(name: str) -> bool:
-    return os.environ.get(name, "").lower() in ("1", "true", "yes")
+    Grey is repeated and RGBA composited over black (library rules, which also refuse NaN and other channel
+    counts). RGB values pass through unclamped, as core's apply passes them: the inpaint ControlNet's hint marks
+    masked pixels with -1.
+    """
+    hint = image_to_hint(image)
+    if image.shape[-1] == 3:
+        return (image[None] if image.ndim == 3 else image).movedim(-1, 1).float()
+    return hint

@@ -21,7 +21,7 @@ from zeroconv.nodes.compose import ZeroConvComposeControlNets, ZeroConvControlUn
 
 from .conftest import make_unet, randomize
 from .test_adapter_standins import (CoreLikeControlNet, DiscreteEps, conditioning, core_apply, host_model, image,
-                                    one_thread, sample)
+                                    one_thread, sample)  # noqa: F401 (autouse fixture)
 
 
 def ours(net, name: str = "canny_sd15.safetensors") -> ZeroConvControl:
@@ -165,6 +165,17 @@ def test_images_of_any_size_channels_and_batch_are_fitted(tiny_unet, tiny_contro
     with caplog.at_level(logging.WARNING):
         one_call(apply(ours(tiny_controlnet), img=image(batch=3))[0][0][1]["control"], tiny_unet, batch=2)
     assert "control image has a batch of 3 but there are 2 latents" in caplog.text
+
+
+def test_an_inpaint_hint_keeps_its_minus_one_pixels(tiny_unet, tiny_controlnet) -> None:
+    """The inpaint ControlNet's hint marks masked pixels -1; like core's apply, ours passes them through."""
+    seen = []
+    hook = tiny_controlnet.input_hint_block.register_forward_hook(lambda m, args, out: seen.append(args[0].min()))
+    hint = image()
+    hint[:, :16] = -1.0
+    one_call(apply(ours(tiny_controlnet), img=hint)[0][0][1]["control"], tiny_unet)
+    hook.remove()
+    assert seen == [-1.0]
 
 
 def test_a_controlnet_of_another_family_is_refused_before_sampling(tiny_controlnet) -> None:

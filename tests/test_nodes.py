@@ -16,7 +16,7 @@ from zeroconv.nodes.compose import ZeroConvComposeControlNets, ZeroConvControlUn
 from zeroconv.nodes.loaders import ZeroConvLoadControlNet
 
 from .conftest import make_unet, randomize
-from .test_adapter_standins import CoreLikeControlNet, conditioning, image, one_thread
+from .test_adapter_standins import CoreLikeControlNet, conditioning, image, one_thread  # noqa: F401 (autouse fixture)
 
 OUR_IDS = {"ZeroConvLoadControlNet", "ZeroConvApplyControlNet", "ZeroConvStrengthSchedule", "ZeroConvControlUnit",
            "ZeroConvComposeControlNets"}

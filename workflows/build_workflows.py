@@ -22,7 +22,7 @@ NEGATIVE = "lowres, bad anatomy, worst quality, low quality"
 
 
 def _sd15_graph(controls: list[dict], prompt: str, size: int = 512, ckpt: str = SD15, compose: bool = False,
-                mask_image: str | None = None) -> dict[str, dict]:
+                mask_image: str | None = None, schedule: dict | None = None) -> dict[str, dict]:
     """Checkpoint, prompts, ControlNet(s) + apply, sampler, decode, save: the graph every workflow shares."""
     nodes: dict[str, dict] = {
         "ckpt": {"type": "CheckpointLoaderSimple", "widgets": {"ckpt_name": ckpt}},
@@ -49,6 +49,9 @@ def _sd15_graph(controls: list[dict], prompt: str, size: int = 512, ckpt: str = 
     if mask_image:
         nodes["maskimg"] = {"type": "LoadImage", "widgets": {"image": mask_image}}
         apply_links["mask"] = ("maskimg", 1)
+    if schedule:
+        nodes["schedule"] = {"type": "ZeroConvStrengthSchedule", "widgets": schedule}
+        apply_links["schedule"] = ("schedule", 0)
     nodes["apply"] = {"type": "ZeroConvApplyControlNet", "widgets": controls[0].get("apply", {}), "links": apply_links}
     nodes["sampler"] = {"type": "KSampler",
                         "widgets": {"seed": 12345, "steps": 20, "cfg": 7.0, "sampler_name": "euler",
@@ -62,62 +65,89 @@ def _sd15_graph(controls: list[dict], prompt: str, size: int = 512, ckpt: str = 
 
 WORKFLOWS: dict[str, dict[str, Any]] = {
     "controlnet_canny_sd15": dict(
-        note="Expects models/checkpoints/v1-5-pruned-emaonly.safetensors, models/controlnet/"
-             "control_v11p_sd15_canny_fp16.safetensors, and input/canny_edges.png (white edges on black).",
+        note="Canny edges steer SD1.5. The control image is white edges on black (make it with the Canny "
+             "Edge (ZeroConv) annotator).",
         graph=_sd15_graph([{"file": "control_v11p_sd15_canny_fp16.safetensors", "image": "canny_edges.png"}],
                           "a cute bird sitting on a branch, best quality")),
     "controlnet_depth_sd15": dict(
-        note="Expects v1-5-pruned-emaonly.safetensors, control_v11f1p_sd15_depth_fp16.safetensors and "
-             "input/depth_map.png (near = bright).",
+        note="A depth map steers SD1.5; near is bright.",
         graph=_sd15_graph([{"file": "control_v11f1p_sd15_depth_fp16.safetensors", "image": "depth_map.png"}],
                           "a cozy living room, warm light")),
     "controlnet_openpose_sd15": dict(
-        note="Expects v1-5-pruned-emaonly.safetensors, control_v11p_sd15_openpose_fp16.safetensors and "
-             "input/pose.png (an OpenPose skeleton drawing).",
+        note="An OpenPose skeleton steers SD1.5 (draw one with OpenPose from JSON (ZeroConv) or detect it with "
+             "the OpenPose annotator).",
         graph=_sd15_graph([{"file": "control_v11p_sd15_openpose_fp16.safetensors", "image": "pose.png"}],
                           "a chef in a kitchen, full body")),
     "controlnet_scribble_sd15": dict(
-        note="Expects v1-5-pruned-emaonly.safetensors, control_v11p_sd15_scribble_fp16.safetensors and "
-             "input/scribble.png (white strokes on black).",
+        note="A scribble (white strokes on black) steers SD1.5.",
         graph=_sd15_graph([{"file": "control_v11p_sd15_scribble_fp16.safetensors", "image": "scribble.png"}],
                           "a house by a lake")),
     "controlnet_compose_pose_depth_sd15": dict(
-        note="Two controls composed in one pass (paper Fig. 7): openpose + depth. Expects the two v1.1 files, "
-             "input/pose.png and input/depth_map.png. Add more ZeroConvControlUnit nodes to the chain for more.",
+        note="Two controls composed in one pass (paper Fig. 7): openpose + depth, each with its own image and "
+             "strength. For a third control, add another ControlNet Unit after the second and connect its stack.",
         graph=_sd15_graph([{"file": "control_v11p_sd15_openpose_fp16.safetensors", "image": "pose.png",
                             "widgets": {"strength": 1.0}},
                            {"file": "control_v11f1p_sd15_depth_fp16.safetensors", "image": "depth_map.png",
                             "widgets": {"strength": 0.6}}], "a dancer on a stage", compose=True)),
     "controlnet_coarse_first_half_sd15": dict(
-        note="Coarse control (paper Fig. 27): the ControlNet acts only in the first half of the steps. "
-             "Expects v1-5-pruned-emaonly.safetensors, control_v11p_sd15_scribble_fp16.safetensors, input/scribble.png.",
+        note="Coarse control (paper Fig. 27): the ControlNet acts only in the first half of the steps "
+             "(end_percent 0.5), so it sets the layout and the prompt the details.",
         graph=_sd15_graph([{"file": "control_v11p_sd15_scribble_fp16.safetensors", "image": "scribble.png",
                             "apply": {"end_percent": 0.5}}], "a castle on a hill")),
     "controlnet_masked_sd15": dict(
         note="Masked control (paper Fig. 16): the control acts only where input/mask.png is transparent "
-             "(LoadImage's MASK). Expects v1-5-pruned-emaonly.safetensors, control_v11p_sd15_canny_fp16.safetensors, "
-             "input/canny_edges.png and input/mask.png.",
+             "(LoadImage's MASK is 1 there); elsewhere the prompt alone decides. A mask without transparency is "
+             "all zero and is refused.",
         graph=_sd15_graph([{"file": "control_v11p_sd15_canny_fp16.safetensors", "image": "canny_edges.png"}],
                           "a vase of flowers on a table", mask_image="mask.png")),
     "controlnet_canny_sdxl": dict(
-        note="SDXL canny. Expects models/checkpoints/sd_xl_base_1.0.safetensors, models/controlnet/"
-             "diffusers_xl_canny_full.safetensors (or controlnet-canny-sdxl-1.0) and input/canny_edges.png.",
+        note="Canny edges steer SDXL at 1024x1024 (diffusers_xl_canny_full, or controlnet-canny-sdxl-1.0 renamed; "
+             "an SD1.5 ControlNet here is refused before sampling, naming both files).",
         graph=_sd15_graph([{"file": "diffusers_xl_canny_full.safetensors", "image": "canny_edges.png"}],
                           "a futuristic city at dusk, highly detailed", size=1024, ckpt=SDXL)),
+    "controlnet_strength_schedule_sd15": dict(
+        note="Strength over the steps (keyframes percent:multiplier, linear): full scribble control at the start, "
+             "fading to 0.2 by the middle so the prompt shapes the details.",
+        graph=_sd15_graph([{"file": "control_v11p_sd15_scribble_fp16.safetensors", "image": "scribble.png"}],
+                          "a lighthouse on a cliff", schedule={"keyframes": "0.0:1.0, 0.5:0.2",
+                                                               "interpolation": "linear"})),
 }
 
 for _spec in ANNOTATORS.values():
+    _weights = (f"Needs the annotator weights {', '.join(_spec.weights)} (models/annotators; fetched on first use "
+                "when online)." if _spec.weights else "No model files needed.")
+    _outputs = {"save": {"type": "SaveImage", "widgets": {"filename_prefix": f"zeroconv_{_spec.name}"},
+                         "links": {"images": ("annotate", 0)}}}
     WORKFLOWS[f"annotator_{_spec.name}"] = dict(
         note=f"{_spec.display_name}: turns input/example.png into the control map for {', '.join(_spec.control_types)} "
-             "ControlNets and saves it. No model files needed.",
+             f"ControlNets and saves it. {_weights}",
         graph={"img": {"type": "LoadImage", "widgets": {"image": "example.png"}},
-               "annotate": {"type": _spec.node_id, "links": {"image": ("img", 0)}},
-               "save": {"type": "SaveImage", "widgets": {"filename_prefix": f"zeroconv_{_spec.name}"},
-                        "links": {"images": ("annotate", 0)}}})
+               "annotate": {"type": _spec.node_id, "links": {"image": ("img", 0)}}, **_outputs})
 WORKFLOWS["annotator_pose_from_json"] = dict(
     note="Draw an OpenPose skeleton from keypoint JSON (pose by hand); feeds openpose ControlNets. No files needed.",
     graph={"pose": {"type": "ZeroConvPoseFromJSON"},
            "save": {"type": "SaveImage", "widgets": {"filename_prefix": "zeroconv_pose"}, "links": {"images": ("pose", 0)}}})
+WORKFLOWS["annotator_inpaint_hint"] = dict(
+    note="The inpaint ControlNet's condition: input/inpaint.png with its transparent area (LoadImage's MASK) set to "
+         "-1. Connect the hint to an apply node with control_v11p_sd15_inpaint; the preview shows the masked area "
+         "black.",
+    graph={"img": {"type": "LoadImage", "widgets": {"image": "inpaint.png"}},
+           "hint": {"type": "ZeroConvInpaintHint", "links": {"image": ("img", 0), "mask": ("img", 1)}},
+           "preview": {"type": "PreviewImage", "links": {"images": ("hint", 0)}}})
+
+
+FILE_WIDGETS = {"ckpt_name": "models/checkpoints", "control_net_name": "models/controlnet", "image": "input"}
+
+
+def _expected_files(graph: dict[str, dict]) -> list[str]:
+    """Every file the graph's loader widgets name, with its folder, in graph order."""
+    found = []
+    for node in graph.values():
+        for name, folder in FILE_WIDGETS.items():
+            value = node.get("widgets", {}).get(name)
+            if value and f"{folder}/{value}" not in found:
+                found.append(f"{folder}/{value}")
+    return found
 
 
 def _widget_values(cls: type, given: dict[str, Any]) -> list[Any]:
@@ -159,8 +189,10 @@ def build(spec: dict[str, Any]) -> dict:
     for link_id, origin, slot, *_ in links:
         by_id[origin]["outputs"][slot]["links"].append(link_id)
     note_id = len(nodes) + 1
+    files = _expected_files(graph)
+    text = spec["note"] + (f"\n\nExpects: {', '.join(files)}." if files else "")
     nodes.append({"id": note_id, "type": "Note", "pos": [40, -160], "size": [600, 120], "flags": {}, "order": note_id - 1,
-                  "mode": 0, "properties": {}, "widgets_values": [spec["note"]]})
+                  "mode": 0, "properties": {}, "widgets_values": [text]})
     return {"last_node_id": note_id, "last_link_id": len(links), "nodes": nodes, "links": links, "groups": [],
             "config": {}, "extra": {"ds": {"scale": 1.0, "offset": [0, 0]}}, "version": 0.4}
 

@@ -56,3 +56,10 @@ def test_bad_values_are_named(data: dict, message: str) -> None:
 def test_missing_file_says_how_to_make_one(tmp_path: Path) -> None:
     with pytest.raises(FileNotFoundError, match="write-default-config"):
         TrainConfig.from_file(tmp_path / "nope.toml")
+
+
+def test_shipped_example_configs_parse() -> None:
+    examples = sorted((Path(__file__).resolve().parents[1] / "examples").glob("train_*.toml"))
+    assert examples
+    for path in examples:
+        assert TrainConfig.from_file(path).base

@@ -28,16 +28,16 @@ SPECS: tuple[AnnotatorSpec, ...] = (
         "canny", "ZeroConvCannyEdge", "Canny Edges (ZeroConv)", canny,
         (_int("low_threshold", 100, 1, 255, "weaker gradients than this are never edges"),
          _int("high_threshold", 200, 1, 255, "gradients above this always are edges")),
-        control_types=("canny",), resample="nearest", batch_fn=canny_torch, batch_requires=("kornia",),
+        control_types=("canny",), resample="binary", batch_fn=canny_torch, batch_requires=("kornia",),
         description="OpenCV Canny on the CPU, kornia's on a GPU; white edges on black"),
     AnnotatorSpec(
         "scribble_synthesis", "ZeroConvScribbleSynthesis", "Scribble from Picture (ZeroConv)", synthesize_scribble,
-        control_types=("scribble",), seeded=True, resample="nearest",
+        control_types=("scribble",), seeded=True, resample="binary",
         description="human-like scribble as the paper trains it: random thresholds, NMS, morphology, masking"),
     AnnotatorSpec(
         "scribble_clean", "ZeroConvScribbleClean", "Clean User Scribble (ZeroConv)", clean_user_scribble,
         (_int("threshold", 127, 1, 255, "pixels darker than this (on light paper) are strokes"),),
-        control_types=("scribble",), resample="nearest",
+        control_types=("scribble",), resample="binary",
         description="your own drawing, dark on light or light on dark, as white strokes on black"),
     AnnotatorSpec(
         "lineart_standard", "ZeroConvLineartStandard", "Lineart, Standard (ZeroConv)", lineart_standard,
@@ -47,14 +47,14 @@ SPECS: tuple[AnnotatorSpec, ...] = (
     AnnotatorSpec(
         "scribble_xdog", "ZeroConvScribbleXDoG", "XDoG Lines (ZeroConv)", xdog,
         (_int("threshold", 32, 1, 255, "lower draws more lines"),),
-        control_types=("scribble", "lineart"), resample="nearest",
+        control_types=("scribble", "lineart"), resample="binary",
         description="difference of Gaussians (sigma 0.5 vs 5.0), thresholded"),
     AnnotatorSpec(
         "lines", "ZeroConvStraightLines", "Straight Lines, Hough (ZeroConv)", straight_lines,
         (_int("threshold", 50, 1, 500, "Hough votes a line needs"),
          _int("min_length", 20, 1, 1000, "shortest segment kept, px at detect resolution"),
          _int("max_gap", 4, 0, 100, "gaps up to this many px are bridged")),
-        control_types=("mlsd",), resample="nearest",
+        control_types=("mlsd",), resample="binary",
         description="straight segments (probabilistic Hough on Canny), the offline M-LSD map"),
     AnnotatorSpec(
         "normal_from_depth", "ZeroConvNormalFromDepth", "Normal from Depth (ZeroConv)", normal_from_depth,
@@ -74,5 +74,5 @@ SPECS: tuple[AnnotatorSpec, ...] = (
     AnnotatorSpec(
         "binary", "ZeroConvBinary", "Binary Lines (ZeroConv)", binary,
         (_int("threshold", 0, 0, 255, "0 picks Otsu's threshold; pixels darker than it become white"),),
-        control_types=("scribble",), resample="nearest", description="dark strokes as white on black"),
+        control_types=("scribble",), resample="binary", description="dark strokes as white on black"),
 )

@@ -8,7 +8,8 @@ import numpy as np
 
 PAD_MULTIPLE = 64  # A1111/aux resize_image_with_pad: edge-pad the detect-resolution image to multiples of 64
 PARAM_KINDS = ("int", "float", "bool", "combo", "string")
-RESAMPLE_MODES = ("linear", "nearest")
+RESAMPLE_MODES = ("linear", "nearest", "binary")
+BINARY_COVERAGE = 64  # "binary" shrinking: a pixel is white when lines cover over a quarter of it
 
 
 def hwc3(image: np.ndarray) -> np.ndarray:
@@ -42,17 +43,22 @@ def short_side_size(height: int, width: int, short_side: int) -> tuple[int, int]
 
 
 def resize(image: np.ndarray, height: int, width: int, mode: str = "linear") -> np.ndarray:
-    """Resize HWC uint8: area when shrinking, cubic when growing ('linear'), or nearest for label-like maps."""
+    """Resize HWC uint8. linear: area shrinking, cubic growing; nearest: label and colour maps; binary: 0/255 line
+    maps (nearest growing; shrinking by area then thresholded, so 1-px lines survive)."""
     import cv2
 
     if image.shape[:2] == (height, width):
         return image
-    if mode == "nearest":
+    shrink = height * width < image.shape[0] * image.shape[1]
+    if mode == "nearest" or (mode == "binary" and not shrink):
         interpolation = cv2.INTER_NEAREST
     else:
-        interpolation = cv2.INTER_AREA if height * width < image.shape[0] * image.shape[1] else cv2.INTER_CUBIC
+        interpolation = cv2.INTER_AREA if shrink else cv2.INTER_CUBIC
     out = cv2.resize(image, (width, height), interpolation=interpolation)
-    return out[..., None] if out.ndim == 2 else out
+    out = out[..., None] if out.ndim == 2 else out
+    if mode == "binary" and shrink:
+        out = np.where(out > BINARY_COVERAGE, 255, 0).astype(np.uint8)
+    return out
 
 
 @dataclass(frozen=True)
@@ -131,7 +137,8 @@ class AnnotatorSpec:
     batch_fn: Callable[..., np.ndarray] | None = None  # (N,H,W,3) uint8 -> same, on a torch device (device=,
     # model= when it has a loader, seeds= a list when seeded); used for learned annotators and for a GPU device
     batch_requires: tuple[str, ...] = ()  # optional modules batch_fn needs (e.g. kornia); CPU path when missing
-    resample: str = "linear"  # how the map goes back to output size: "linear", or "nearest" for hard-edged maps
+    resample: str = "linear"  # how the map goes back to output size: "linear", "nearest" (labels, colour blocks,
+    # skeletons) or "binary" (0/255 line maps)
     at_output_size: bool = False  # runs on the picture at output size, ignoring detect_resolution (shuffle)
     keypoints: bool = False  # fn returns (map, list[pose.Person]) with 0..1 coordinates (OpenPose)
     description: str = ""  # node tooltip

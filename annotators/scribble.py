@@ -2,15 +2,15 @@
 
 Synthesis (Zhang et al. 2023, appendix: edges with random thresholds, random masking, random morphological
 transforms, random non-maximum suppression; controlnet-formats.md §5.2 fake scribble: NMS at 127 after a sigma-3
-blur with 4 directional dilations, then a sigma-3 blur thresholded at 4). Offline the edges come from Canny or XDoG
-with random thresholds; a learned soft edge map (HED) can be passed to `scribble_from_soft_edges` instead.
+blur with 4 directional dilations, then a sigma-3 blur thresholded at 4). Offline the soft edges come from Canny or
+the gradient magnitude, randomised; a learned soft edge map (HED) can be passed to `scribble_from_soft_edges`.
 """
 from __future__ import annotations
 
 import numpy as np
 
 from .common import hwc3
-from .edges import canny, xdog
+from .edges import canny
 
 NMS_THRESHOLD = 127
 NMS_SIGMA = 3.0
@@ -24,7 +24,7 @@ NMS_KERNELS = (
 )
 # Ranges the random augmentations draw from (per call, from the seeded generator).
 CANNY_LOW_RANGE = (50, 150)  # high threshold is drawn in (low, 3 * low]
-XDOG_THRESHOLD_RANGE = (16, 64)
+GRADIENT_SIGMA_RANGE = (1.0, 3.0)  # blur before the gradient magnitude, px
 EDGE_WIDTH_CHOICES = (5, 7, 9)  # px an edge is widened to, so it looks like HED's soft boundary
 NMS_THRESHOLD_RANGE = (90, 150)  # around the reference 127
 MORPH_SIZES = (1, 3, 5)
@@ -51,12 +51,22 @@ def strokes(thin: np.ndarray) -> np.ndarray:
     return ((cv2.GaussianBlur(thin.astype(np.float32), (0, 0), STROKE_SIGMA) > STROKE_THRESHOLD) * 255).astype(np.uint8)
 
 
-def _random_edges(image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-    """HxW 0/255 edges from Canny or XDoG, with random thresholds (the paper's random-threshold augmentation)."""
+def _random_soft_edges(image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """HxW float soft edge map standing in for HED: widened random-threshold Canny, or the gradient magnitude of a
+    randomly blurred picture (the paper's random thresholds); scaled so its sigma-3 blur peaks at 255."""
+    import cv2
+
     if rng.random() < 0.5:
         low = int(rng.integers(*CANNY_LOW_RANGE, endpoint=True))
-        return canny(image, low, int(rng.integers(low + 1, 3 * low, endpoint=True)))[..., 0]
-    return xdog(image, int(rng.integers(*XDOG_THRESHOLD_RANGE, endpoint=True)))[..., 0]
+        edges = canny(image, low, int(rng.integers(low + 1, 3 * low, endpoint=True)))[..., 0]
+        width = int(rng.choice(EDGE_WIDTH_CHOICES))
+        soft = cv2.dilate(edges, cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (width, width))).astype(np.float32)
+    else:
+        blurred = cv2.GaussianBlur(image.astype(np.float32), (0, 0), float(rng.uniform(*GRADIENT_SIGMA_RANGE)))
+        gx, gy = cv2.Sobel(blurred, cv2.CV_32F, 1, 0), cv2.Sobel(blurred, cv2.CV_32F, 0, 1)
+        soft = np.hypot(gx, gy).max(axis=2)
+    peak = float(cv2.GaussianBlur(soft, (0, 0), NMS_SIGMA).max())
+    return soft * (255.0 / peak) if peak > 0 else soft
 
 
 def _random_morphology(mask: np.ndarray, rng: np.random.Generator) -> np.ndarray:
@@ -91,12 +101,8 @@ def scribble_from_soft_edges(soft: np.ndarray, seed: int, nms_threshold: int | N
 
 def synthesize_scribble(image: np.ndarray, seed: int = 0) -> np.ndarray:
     """Human-like scribble from a picture, reproducible for a seed (paper appendix; offline edges instead of HED)."""
-    import cv2
-
     rng = np.random.default_rng(seed)
-    edges = _random_edges(hwc3(image), rng)
-    width = int(rng.choice(EDGE_WIDTH_CHOICES))
-    soft = cv2.dilate(edges, cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (width, width)))
+    soft = _random_soft_edges(hwc3(image), rng)
     return scribble_from_soft_edges(soft, int(rng.integers(2**31)))
 
 

@@ -7,9 +7,9 @@ is imported only when a model that needs it is loaded.
 from __future__ import annotations
 
 from ..registry import register
-from . import hed, openpose
+from . import hed, lineart, openpose
 
-SPECS = (*openpose.SPECS, *hed.SPECS)
+SPECS = (*openpose.SPECS, *hed.SPECS, *lineart.SPECS)
 
 for _spec in SPECS:
     register(_spec)

@@ -1,6 +1,11 @@
-"""ControlNet forward time on a GPU: ZeroConv eager / compiled / CUDA-graphed vs diffusers eager / graphed.
+"""ControlNet forward time on a GPU: ZeroConv eager / compiled / CUDA-graphed vs diffusers' ControlNetModel.
 
-Same random SD1.5 weights (ours exported to diffusers), fp16, batch 2, 512x512 (latent 64x64), 77 tokens.
+Same random SD1.5 weights (ours exported to diffusers), fp16, batch 2 (cond + uncond), 512x512 (latent 64x64),
+77 tokens. Rows:
+  * diffusers ControlNetModel eager, and the same call captured as a CUDA graph;
+  * ZeroConv's ControlNet eager (hint encoded per call, and cached per run as sampling does), compiled, graphed;
+  * ZeroConv through the host adapter: one `get_control` per model call as ComfyUI's sampler makes it
+    (sigma -> timestep, input scaling, the residual dict), with acceleration none and cuda_graph.
 Reference (issue): diffusers eager 14.4 ms, CUDA-graphed 3.8 ms on an H100. Needs CUDA; elsewhere it says so
 and writes nothing.
 
@@ -13,13 +18,15 @@ import platform
 import sys
 import tempfile
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Callable
 
 import torch
 
 
-def _time(fn: Callable[[], object], iters: int) -> float:
-    for _ in range(10):
+def cuda_time(fn: Callable[[], object], iters: int, warmup: int = 10) -> float:
+    """Milliseconds per call, by CUDA events, after warm-up (compilation and graph capture happen there)."""
+    for _ in range(warmup):
         fn()
     torch.cuda.synchronize()
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
@@ -31,7 +38,8 @@ def _time(fn: Callable[[], object], iters: int) -> float:
     return start.elapsed_time(end) / iters
 
 
-def _graphed(fn: Callable[[], object]) -> Callable[[], object]:
+def graphed(fn: Callable[[], object]) -> Callable[[], object]:
+    """fn captured as one CUDA graph (static inputs), replayed per call."""
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(stream):
@@ -44,6 +52,88 @@ def _graphed(fn: Callable[[], object]) -> Callable[[], object]:
     return graph.replay
 
 
+class _EpsSampling:
+    """What the adapter needs from ComfyUI's model_sampling (SD1.5 eps, scaled-linear betas)."""
+
+    def __init__(self, device: torch.device):
+        betas = torch.linspace(0.00085 ** 0.5, 0.012 ** 0.5, 1000, dtype=torch.float64) ** 2
+        cumprod = torch.cumprod(1 - betas, 0)
+        self.log_sigmas = ((1 - cumprod) / cumprod).sqrt().log().float().to(device)
+
+    def timestep(self, sigma: torch.Tensor) -> torch.Tensor:
+        return (self.log_sigmas[None, :] - sigma.log()[:, None]).abs().argmin(dim=1).to(sigma.device)
+
+    def calculate_input(self, sigma: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        return x / (sigma[:, None, None, None] ** 2 + 1).sqrt()
+
+    def percent_to_sigma(self, percent: float) -> float:
+        return 1e9 if percent <= 0 else 0.0 if percent >= 1 else float(self.log_sigmas[int((1 - percent) * 999)].exp())
+
+
+def measure(device: torch.device, timer: Callable[[Callable[[], object], int], float], iters: int,
+            preset_name: str = "sd15", size: int = 64, tokens: int = 77, dtype: torch.dtype = torch.float16,
+            with_diffusers: bool = True, graphs: bool = True) -> list[tuple[str, float]]:
+    """(variant, ms per forward) rows; the CPU smoke test calls this with a tiny preset and a wall-clock timer."""
+    from zeroconv.controlnet_model import ControlNet, preset
+    from zeroconv.controlnet_model.accelerate import accelerate
+    from zeroconv.controlnet_model.checkpoint import export_diffusers
+    from zeroconv.nodes.apply import ZeroConvApplyControlNet
+    from zeroconv.nodes.comfy_adapter import ControlPart, make_control
+
+    torch.manual_seed(0)
+    ours = ControlNet(preset(preset_name)).eval()
+    with torch.no_grad():
+        for p in ours.parameters():  # random everywhere, zero convs included: the same work as trained weights
+            p.normal_(0.0, 0.02)
+    rows = []
+    cfg = ours.config
+    x = torch.randn(2, cfg.in_channels, size, size, device=device, dtype=dtype)
+    t = torch.tensor([500, 500], device=device)
+    ctx = torch.randn(2, tokens, cfg.context_dim, device=device, dtype=dtype)
+    hint = torch.rand(2, 3, size * 8, size * 8, device=device, dtype=dtype)
+    with torch.no_grad():
+        if with_diffusers:
+            from diffusers import ControlNetModel
+
+            with tempfile.TemporaryDirectory() as tmp:
+                export_diffusers(ours, tmp)
+                theirs = ControlNetModel.from_pretrained(tmp, torch_dtype=dtype).to(device).eval()
+            rows.append(("diffusers ControlNetModel eager", timer(lambda: theirs(x, t, ctx, hint, return_dict=False),
+                                                                iters)))
+            if graphs:
+                rows.append(("diffusers ControlNetModel CUDA graph",
+                             timer(graphed(lambda: theirs(x, t, ctx, hint, return_dict=False)), iters)))
+            del theirs
+        ours = ours.to(device, dtype)
+        guided = ours.encode_hint(hint)
+        rows.append(("ZeroConv eager (hint encoded per call)", timer(lambda: ours(x, hint, t, ctx), iters)))
+        rows.append(("ZeroConv eager (hint cached per run)",
+                     timer(lambda: ours(x, None, t, ctx, guided_hint=guided), iters)))
+        for mode in ("compile", "cuda_graph") if graphs else ():
+            fast = accelerate(ours, mode)
+            rows.append((f"ZeroConv {mode} (hint cached)", timer(lambda: fast(x, None, t, ctx, guided_hint=guided),
+                                                                 iters)))
+        ms = _EpsSampling(device)
+        model = SimpleNamespace(model_sampling=ms, latent_format=SimpleNamespace(latent_channels=cfg.in_channels),
+                                diffusion_model=SimpleNamespace(config=cfg))
+        sigma = torch.full((2,), 3.0, device=device)
+        image = torch.rand(1, size * 8, size * 8, 3)
+        cond = {"c_crossattn": ctx}
+        for mode in ("none", "cuda_graph") if graphs else ("none",):
+            positive, _ = ZeroConvApplyControlNet().apply([[ctx[:1], {}]], [[ctx[1:], {}]],
+                                                         make_control((ControlPart(ours, name="bench"),)), image,
+                                                         1.0, 0.0, 1.0, accelerate=mode)
+            control = positive[0][1]["control"]
+            control.pre_run(model, ms.percent_to_sigma)
+            try:
+                rows.append((f"ZeroConv via the ComfyUI adapter, get_control per model call ({mode})",
+                             timer(lambda: control.get_control(x, sigma, cond, 2, {"cond_or_uncond": [0, 1]}),
+                                   iters)))
+            finally:
+                control.cleanup()
+    return rows
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--iters", type=int, default=100)
@@ -52,38 +142,11 @@ def main() -> int:
     if not torch.cuda.is_available():
         print("bench_controlnet_forward needs a CUDA device; nothing measured, nothing written", file=sys.stderr)
         return 1
-    from diffusers import ControlNetModel
-
-    from zeroconv.controlnet_model import ControlNet, preset
-    from zeroconv.controlnet_model.accelerate import accelerate
-    from zeroconv.controlnet_model.checkpoint import export_diffusers
-
-    torch.manual_seed(0)
-    ours = ControlNet(preset("sd15")).eval()
-    with tempfile.TemporaryDirectory() as tmp:
-        export_diffusers(ours, tmp)
-        theirs = ControlNetModel.from_pretrained(tmp, torch_dtype=torch.float16).cuda().eval()
-    ours = ours.half().cuda()
-    x = torch.randn(2, 4, 64, 64, device="cuda", dtype=torch.float16)
-    t = torch.tensor([500, 500], device="cuda")
-    ctx = torch.randn(2, 77, 768, device="cuda", dtype=torch.float16)
-    hint = torch.rand(2, 3, 512, 512, device="cuda", dtype=torch.float16)
-    rows = []
-    with torch.no_grad():
-        guided = ours.encode_hint(hint)
-        rows.append(("diffusers eager", _time(lambda: theirs(x, t, ctx, hint, return_dict=False), args.iters)))
-        rows.append(("diffusers CUDA graph", _time(_graphed(lambda: theirs(x, t, ctx, hint, return_dict=False)),
-                                                   args.iters)))
-        rows.append(("ZeroConv eager (hint encoded per call)", _time(lambda: ours(x, hint, t, ctx), args.iters)))
-        rows.append(("ZeroConv eager (hint cached per run)", _time(lambda: ours(x, None, t, ctx, guided_hint=guided),
-                                                                   args.iters)))
-        for mode in ("compile", "cuda_graph"):
-            fast = accelerate(ours, mode)
-            rows.append((f"ZeroConv {mode} (hint cached)",
-                         _time(lambda: fast(x, None, t, ctx, guided_hint=guided), args.iters)))
+    rows = measure(torch.device("cuda"), cuda_time, args.iters)
     device = torch.cuda.get_device_name()
     lines = ["# ControlNet forward (SD1.5 shapes, fp16, batch 2, 512x512)", "",
              f"Device: {device}; torch {torch.__version__}; host {platform.node()}; {args.iters} iterations, CUDA events.",
+             "Reference (issue, H100): diffusers eager 14.4 ms, diffusers CUDA graph 3.8 ms.",
              "", "| variant | ms per forward |", "| --- | --- |"] + [f"| {n} | {ms:.2f} |" for n, ms in rows]
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / f"forward-{device.replace(' ', '_')}.md").write_text("\n".join(lines) + "\n")

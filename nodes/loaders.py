@@ -37,6 +37,17 @@ class ZeroConvLoadControlNet:
         return {"required": {"control_net_name": (list_controlnets(), {"tooltip": "file in models/controlnet"})},
                 "optional": {"model": ("MODEL", {"tooltip": "the base model, for diff and Control-LoRA files"})}}
 
+    @classmethod
+    def VALIDATE_INPUTS(cls, control_net_name: str | None) -> bool | str:
+        """Accept a name that resolves (renamed files too), so ComfyUI's list check does not refuse it first."""
+        if control_net_name is None:  # converted to an input and linked: checked when the node runs
+            return True
+        try:
+            resolve_controlnet(control_net_name)
+        except FileNotFoundError as exc:
+            return str(exc)
+        return True
+
     def load(self, control_net_name: str, model: Any = None) -> tuple:
         path = resolve_controlnet(control_net_name)
         control, metadata = load_control(path, model)

@@ -92,6 +92,9 @@ def test_loader_finds_a_file_not_found_as_written_and_says_which(folder, caplog)
     assert "its metadata records that name or hash" in caplog.text
     with pytest.raises(FileNotFoundError, match="'missing.safetensors' was not found"):
         ZeroConvLoadControlNet().load("missing.safetensors")
+    # ComfyUI checks combo values at queue time unless VALIDATE_INPUTS names the input: ours resolves instead
+    assert ZeroConvLoadControlNet.VALIDATE_INPUTS("control_canny.pth") is True
+    assert "was not found" in ZeroConvLoadControlNet.VALIDATE_INPUTS("missing.safetensors")
 
 
 def test_loader_suggests_the_annotator_from_metadata(tmp_path, monkeypatch, tiny_controlnet, caplog) -> None:

@@ -9,13 +9,16 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import re
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
+from safetensors.torch import save_file
 from torch import nn
 
 from ..controlnet_model.config import ControlNetConfig, PredictionType, preset
@@ -175,8 +178,6 @@ def build_world_base(unet_config: ControlNetConfig | None = None, text_config: T
 def save_world_base(base: WorldBase, path: str | Path, provenance: dict[str, Any] | None = None,
                     dtype: torch.dtype = torch.float16) -> Path:
     """Write the base as one safetensors file (weights in `dtype`, everything needed to rebuild it as metadata)."""
-    from ..controlnet_model.checkpoint import _atomic_safetensors
-
     state = {f"{prefix}.{k}": v.detach().to("cpu", dtype).contiguous()
              for prefix, module in base.modules().items() for k, v in module.state_dict().items()}
     meta = {"zeroconv_kind": KIND, "zeroconv_family": FAMILY, "zeroconv_config": base.unet.config.to_json(),
@@ -186,16 +187,35 @@ def save_world_base(base: WorldBase, path: str | Path, provenance: dict[str, Any
             "zeroconv_image_size": str(base.image_size), "zeroconv_latent_scale": repr(base.latent_scale_factor),
             "zeroconv_provenance": json.dumps(provenance or {}, sort_keys=True)}
     path = Path(path)
-    _atomic_safetensors(state, path, meta)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:  # write beside the target, then rename over it: never a half-written model file
+        save_file(state, tmp, metadata=meta)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
     return path
+
+
+def _read(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    from safetensors import safe_open
+
+    if not path.is_file():
+        raise FileNotFoundError(f"world base {path} does not exist; the package ships models/world_base.safetensors, "
+                                "or make one with `python -m zeroconv.training.train_world_base`")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return {k: f.get_tensor(k) for k in f.keys()}, dict(f.metadata() or {})
+    except Exception as exc:  # safetensors raises its own error types for damaged files
+        raise ValueError(f"{path} is not a readable safetensors file ({exc}); reinstall or rebuild it") from None
 
 
 def load_world_base(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32
                     ) -> WorldBase:
     """Read a world base written by save_world_base, locked (no gradients, eval mode)."""
-    from ..controlnet_model.checkpoint import read_state_dict
-
-    state, meta = read_state_dict(path)
+    state, meta = _read(Path(path))
     if meta.get("zeroconv_kind") != KIND:
         raise ValueError(f"{path} is not a ZeroConv world base (metadata zeroconv_kind is "
                          f"{meta.get('zeroconv_kind')!r}); make one with `python -m zeroconv.training.train_world_base`")

@@ -1,0 +1,79 @@
+"""The world base: vocabulary and tokenizer, the exact pixel-unshuffle autoencoder, file round trip, training."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from zeroconv.controlnet_model import init_from_unet, preset
+from zeroconv.training.base import detect_base_kind, load_base
+from zeroconv.training.world import random_specs
+from zeroconv.training.world_base import (WorldBase, WorldTokenizer, build_world_base, load_world_base,
+                                          save_world_base, world_vocabulary)
+
+SMALL = preset("world", model_channels=32, channel_mult=(1,), transformer_depth=(1,), context_dim=32, num_heads=2,
+               hint_block_channels=(16, 16, 32, 32))
+
+
+def test_vocabulary_covers_every_caption_and_unknown_words_become_unk(caplog) -> None:
+    vocab = world_vocabulary()
+    tok = WorldTokenizer(vocab, max_tokens=8)
+    for spec in random_specs(100, seed=0):
+        ids = tok([spec.caption])[0]
+        assert vocab.index("<unk>") not in ids.tolist()
+        assert [vocab[i] for i in ids.tolist() if vocab[i] not in ("<bos>", "<eos>", "<pad>")] == spec.caption.split()
+    empty, odd = tok(["", "A purple Unicorn!"])
+    assert [vocab[i] for i in empty.tolist()[:3]] == ["<bos>", "<eos>", "<pad>"]
+    assert [vocab[i] for i in odd.tolist()[:5]] == ["<bos>", "<unk>", "purple", "<unk>", "<eos>"]
+    assert "unicorn" in caplog.text
+
+
+def test_pixel_unshuffle_autoencoder_is_exact_with_8x_smaller_latents() -> None:
+    base = build_world_base(SMALL, latent_scale_factor=1.7)
+    pixels = torch.rand(2, 3, 64, 64) * 2 - 1
+    latents = base.encode_images(pixels)
+    assert latents.shape == (2, 192, 8, 8)
+    assert torch.allclose(latents.std(), pixels.std() * 1.7, rtol=1e-4)
+    assert torch.allclose(base.decode_latents(latents), pixels, atol=1e-6)
+    with pytest.raises(ValueError, match="multiples of 8"):
+        base.encode_images(torch.zeros(1, 3, 60, 64))
+
+
+def test_file_round_trip_is_detected_as_world_and_gives_the_same_outputs(tmp_path) -> None:
+    base = build_world_base(SMALL, seed=3).lock()
+    path = save_world_base(base, tmp_path / "world.safetensors", {"seed": 3}, dtype=torch.float32)
+    assert detect_base_kind(path) == "world"
+    loaded = load_base(path)
+    assert isinstance(loaded, WorldBase) and loaded.family == "ZeroConv world"
+    assert not any(p.requires_grad for m in loaded.modules().values() for p in m.parameters())
+    captions = ["red circle with blue background", ""]
+    with torch.no_grad():
+        ctx_a, ctx_b = base.encode_text(captions).context, loaded.encode_text(captions).context
+        x, t = torch.randn(2, 192, 8, 8), torch.tensor([10, 900])
+        assert torch.equal(ctx_a, ctx_b)
+        assert torch.equal(base.unet(x, t, ctx_a), loaded.unet(x, t, ctx_b))
+    assert torch.equal(loaded.schedule.alphas_cumprod, base.schedule.alphas_cumprod)
+    controlnet, fresh = init_from_unet(loaded.unet)  # a ControlNet can be made for it
+    assert fresh and controlnet.config.in_channels == 192
+
+
+def test_loader_refuses_other_files_with_the_fix(tmp_path) -> None:
+    from safetensors.torch import save_file
+
+    other = tmp_path / "other.safetensors"
+    save_file({"w": torch.zeros(1)}, str(other))
+    with pytest.raises(ValueError, match="train_world_base"):
+        load_world_base(other)
+    with pytest.raises(FileNotFoundError):
+        load_world_base(tmp_path / "missing.safetensors")
+
+
+def test_training_script_runs_and_writes_a_loadable_base(tmp_path, monkeypatch) -> None:
+    from zeroconv.training import train_world_base as script
+
+    monkeypatch.setattr(script, "build_world_base", lambda **kw: build_world_base(SMALL, **kw))
+    out = tmp_path / "base.safetensors"
+    assert script.main(["--out", str(out), "--steps", "3", "--pool", "8", "--batch-size", "4", "--warmup", "1",
+                        "--log-every", "1"]) == 0
+    loaded = load_world_base(out)
+    assert loaded.metadata["zeroconv_provenance"].count("train_world_base") == 1
+    assert 0.5 < loaded.latent_scale_factor < 3.0

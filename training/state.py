@@ -10,58 +10,26 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import pickle
 import random
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import torch
+
+from ..controlnet_model.atomic import atomic_write, atomic_write_text
 
 logger = logging.getLogger(__name__)
 
 POINTER = "latest.json"
 
 
-def atomic_write(path: Path, write: Callable[[str], None]) -> None:
-    """write(tmp) into a temp file beside `path`, fsync it, rename it over `path`, fsync the folder."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        write(tmp)
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-        _fsync_dir(path.parent)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-
-
-def _fsync_dir(folder: Path) -> None:
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:  # folders cannot be opened on some platforms (Windows); the rename is still atomic
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
 def atomic_torch_save(obj: Any, path: Path) -> None:
     atomic_write(Path(path), lambda tmp: torch.save(obj, tmp))
 
 
-def atomic_write_text(path: Path, text: str) -> None:
-    atomic_write(Path(path), lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
 
 
 # ---- RNG states ------------------------------------------------------------------------------------------

@@ -9,18 +9,16 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import re
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import save_file
 from torch import nn
 
+from ..controlnet_model.atomic import atomic_save_safetensors
 from ..controlnet_model.config import ControlNetConfig, PredictionType, preset
 from ..controlnet_model.unet import UNetModel
 from .base import TextConditioning
@@ -186,17 +184,7 @@ def save_world_base(base: WorldBase, path: str | Path, provenance: dict[str, Any
             "zeroconv_prediction_type": base.schedule.prediction_type.value,
             "zeroconv_image_size": str(base.image_size), "zeroconv_latent_scale": repr(base.latent_scale_factor),
             "zeroconv_provenance": json.dumps(provenance or {}, sort_keys=True)}
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:  # write beside the target, then rename over it: never a half-written model file
-        save_file(state, tmp, metadata=meta)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return path
+    return atomic_save_safetensors(state, Path(path), meta)  # never a half-written model file
 
 
 def _read(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:

@@ -22,12 +22,13 @@ NEGATIVE = "lowres, bad anatomy, worst quality, low quality"
 
 
 def _sd15_graph(controls: list[dict], prompt: str, size: int = 512, ckpt: str = SD15, compose: bool = False,
-                mask_image: str | None = None, schedule: dict | None = None) -> dict[str, dict]:
+                mask_image: str | None = None, schedule: dict | None = None, negative: str = NEGATIVE,
+                sampler: dict | None = None) -> dict[str, dict]:
     """Checkpoint, prompts, ControlNet(s) + apply, sampler, decode, save: the graph every workflow shares."""
     nodes: dict[str, dict] = {
         "ckpt": {"type": "CheckpointLoaderSimple", "widgets": {"ckpt_name": ckpt}},
         "pos": {"type": "CLIPTextEncode", "widgets": {"text": prompt}, "links": {"clip": ("ckpt", 1)}},
-        "neg": {"type": "CLIPTextEncode", "widgets": {"text": NEGATIVE}, "links": {"clip": ("ckpt", 1)}},
+        "neg": {"type": "CLIPTextEncode", "widgets": {"text": negative}, "links": {"clip": ("ckpt", 1)}},
         "latent": {"type": "EmptyLatentImage", "widgets": {"width": size, "height": size, "batch_size": 1}},
     }
     for i, control in enumerate(controls):
@@ -54,8 +55,8 @@ def _sd15_graph(controls: list[dict], prompt: str, size: int = 512, ckpt: str = 
         apply_links["schedule"] = ("schedule", 0)
     nodes["apply"] = {"type": "ZeroConvApplyControlNet", "widgets": controls[0].get("apply", {}), "links": apply_links}
     nodes["sampler"] = {"type": "KSampler",
-                        "widgets": {"seed": 12345, "steps": 20, "cfg": 7.0, "sampler_name": "euler",
-                                    "scheduler": "normal", "denoise": 1.0},
+                        "widgets": sampler or {"seed": 12345, "steps": 20, "cfg": 7.0, "sampler_name": "euler",
+                                               "scheduler": "normal", "denoise": 1.0},
                         "links": {"model": ("ckpt", 0), "positive": ("apply", 0), "negative": ("apply", 1),
                                   "latent_image": ("latent", 0)}}
     nodes["decode"] = {"type": "VAEDecode", "links": {"samples": ("sampler", 0), "vae": ("ckpt", 2)}}
@@ -111,6 +112,15 @@ WORKFLOWS: dict[str, dict[str, Any]] = {
         graph=_sd15_graph([{"file": "control_v11p_sd15_scribble_fp16.safetensors", "image": "scribble.png"}],
                           "a lighthouse on a cliff", schedule={"keyframes": "0.0:1.0, 0.5:0.2",
                                                                "interpolation": "linear"})),
+    "demo_world": dict(
+        note="The offline demo world (zeroconv demo): the shipped world base and its ControlNet fill the outline in "
+             "inputs/world_outline.png with the caption's colours. Runs with `zeroconv run workflows/demo_world.json` "
+             "(the files ship in the package's models/ folder); in ComfyUI, copy them to models/checkpoints and "
+             "models/controlnet and the outline to input/.",
+        graph=_sd15_graph([{"file": "world_controlnet.safetensors", "image": "world_outline.png"}],
+                          "red circle with blue background", size=64, ckpt="world_base.safetensors",
+                          negative="", sampler={"seed": 2024, "steps": 20, "cfg": 3.0, "sampler_name": "ddim",
+                                                "scheduler": "ddim_uniform", "denoise": 1.0})),
 }
 
 for _spec in ANNOTATORS.values():

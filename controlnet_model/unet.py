@@ -33,6 +33,11 @@ class UNetModel(nn.Module):
         self.out = nn.Sequential(normalization(cfg.model_channels), nn.SiLU(),
                                  zero_module(nn.Conv2d(cfg.model_channels, cfg.out_channels, 3, padding=1)))
 
+    @property
+    def dtype(self) -> torch.dtype:
+        """The weights' dtype (hosts such as ComfyUI's BaseModel read it to cast inputs)."""
+        return next(self.parameters()).dtype
+
     def forward(self, x: torch.Tensor, timesteps: torch.Tensor | None = None, context: torch.Tensor | None = None,
                 y: torch.Tensor | None = None, control: Any = None, transformer_options: dict | None = None,
                 **kwargs: Any) -> torch.Tensor:

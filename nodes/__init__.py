@@ -1,7 +1,7 @@
 """The graph nodes, registered from an explicit list of modules (one per node family)."""
-from . import annotators, apply, compose, loaders, train
+from . import annotators, apply, compose, loaders, train, world
 
-_FAMILIES = (loaders, apply, compose, annotators, train)
+_FAMILIES = (loaders, apply, compose, annotators, train, world)
 
 NODE_CLASS_MAPPINGS: dict[str, type] = {}
 NODE_DISPLAY_NAME_MAPPINGS: dict[str, str] = {}

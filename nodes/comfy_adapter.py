@@ -622,3 +622,45 @@ def controlnet_folder_paths() -> list[str]:
         return folder_paths.get_folder_paths("controlnet")
     folder = os.environ.get("ZEROCONV_CONTROLNET_DIR")
     return [folder] if folder else []
+
+
+def host_base_objects(base: Any) -> tuple[Any, Any, Any]:
+    """MODEL, CLIP and VAE for a base loaded by the training module (the demo world's): inside ComfyUI the MODEL is
+    ComfyUI's own ModelPatcher around a `comfy.model_base.BaseModel` whose diffusion model is our U-Net, so core
+    samplers, ControlNet nodes and the memory manager treat it like any checkpoint; outside, the runner's objects.
+
+    CLIP and VAE are the runner's (they only call the base's text encoder and pixel (un)shuffle); core
+    CLIPTextEncode, VAEEncode and VAEDecode use nothing else of them.
+    """
+    from ..workflow_runner import host
+
+    if not comfy_available():
+        from ..workflow_runner import files
+
+        return host.host_objects(base, files.current().device)
+    import comfy.latent_formats
+    import comfy.model_base
+    import comfy.model_management as mm
+    import comfy.supported_models_base
+    from comfy.model_patcher import ModelPatcher
+
+    cfg = base.unet.config
+    unet_config = {"model_channels": cfg.model_channels, "channel_mult": list(cfg.channel_mult),
+                   "num_res_blocks": [cfg.num_res_blocks] * len(cfg.channel_mult), "context_dim": cfg.context_dim,
+                   "in_channels": cfg.in_channels, "out_channels": cfg.out_channels,
+                   "transformer_depth": [d or 0 for d in cfg.transformer_depth for _ in range(cfg.num_res_blocks)],
+                   "adm_in_channels": cfg.adm_in_channels}
+    latent = type("ZeroConvLatentFormat", (comfy.latent_formats.LatentFormat,),
+                  {"latent_channels": cfg.in_channels, "scale_factor": float(base.latent_scale_factor)})
+    model_config = type("ZeroConvBaseConfig", (comfy.supported_models_base.BASE,),
+                        {"unet_config": unet_config, "latent_format": latent})(unet_config)
+    model_type = {"epsilon": comfy.model_base.ModelType.EPS,
+                  "v_prediction": comfy.model_base.ModelType.V_PREDICTION}[base.schedule.prediction_type.value]
+    model = comfy.model_base.BaseModel(model_config, model_type, unet_model=lambda **_: base.unet)
+    alphas_cumprod = base.schedule.alphas_cumprod.double()
+    betas = 1.0 - alphas_cumprod / torch.cat([alphas_cumprod.new_ones(1), alphas_cumprod[:-1]])
+    model.model_sampling._register_schedule(given_betas=betas)  # the base's own schedule, whatever its name
+    device = mm.get_torch_device()
+    patcher = ModelPatcher(model, load_device=device, offload_device=mm.unet_offload_device())
+    vae = host.VAE(base, model.latent_format, torch.device("cpu"))
+    return patcher, host.CLIP(base, torch.device("cpu")), vae

@@ -20,6 +20,8 @@ WEIGHT_SUFFIXES = (".safetensors", ".sft", ".pth", ".pt", ".ckpt", ".bin")
 MODES = [m.value for m in ControlMode]
 FITS = [f.value for f in HintFit]
 ACCELERATIONS = [a.value for a in Acceleration]
+PACKAGE_MODELS = Path(__file__).resolve().parent.parent / "models"  # the demo world's shipped files
+PACKAGED_CONTROLNETS = "*controlnet*.safetensors"  # which of them are ControlNets (offered after the host's)
 
 
 def control_widgets() -> dict:
@@ -55,9 +57,13 @@ def settings_from_inputs(strength: float, start_percent: float, end_percent: flo
 def list_controlnets() -> list[str]:
     """File names (relative to each ControlNet folder, '/'-separated) for the loader's combo."""
     names = host_controlnet_names()
-    if names is not None:
-        return list(names)
-    return sorted({n for f in controlnet_folder_paths() if Path(f).is_dir() for n in _weight_files(Path(f))})
+    if names is None:
+        names = sorted({n for f in controlnet_folder_paths() if Path(f).is_dir() for n in _weight_files(Path(f))})
+    return list(dict.fromkeys([*names, *_packaged_controlnets()]))
+
+
+def _packaged_controlnets() -> list[str]:
+    return [p.name for p in sorted(PACKAGE_MODELS.glob(PACKAGED_CONTROLNETS))]
 
 
 def _normalise(name: str, precision: bool = True) -> str:
@@ -75,6 +81,8 @@ def resolve_controlnet(name: str) -> Path:
         candidate = folder / name.replace("\\", "/")
         if candidate.is_file():
             return candidate
+    if name in _packaged_controlnets():
+        return PACKAGE_MODELS / name
     files = [folder / n for folder in folders if folder.is_dir() for n in _weight_files(folder)]
     for precision, why in ((True, "same name after normalising"), (False, "same name, other precision")):
         matches = [f for f in files if _normalise(f.name, precision) == _normalise(name, precision)]

@@ -128,8 +128,8 @@ class WorldBase:
         return next(self.unet.parameters()).dtype
 
     def encode_text(self, captions: list[str]) -> TextConditioning:
-        ids = self.tokenizer(list(captions)).to(self.device)
-        return TextConditioning(self.text_encoder(ids).to(self.dtype))  # (B, T, context_dim)
+        ids = self.tokenizer(list(captions)).to(next(self.text_encoder.parameters()).device)
+        return TextConditioning(self.text_encoder(ids).to(self.device, self.dtype))  # (B, T, context_dim)
 
     def encode_images(self, pixels: torch.Tensor) -> torch.Tensor:
         """(B, 3, H, W) in [-1, 1] -> (B, 192, H/8, W/8) scaled latents."""

@@ -112,16 +112,18 @@ WORKFLOWS: dict[str, dict[str, Any]] = {
         graph=_sd15_graph([{"file": "control_v11p_sd15_scribble_fp16.safetensors", "image": "scribble.png"}],
                           "a lighthouse on a cliff", schedule={"keyframes": "0.0:1.0, 0.5:0.2",
                                                                "interpolation": "linear"})),
-    "demo_world": dict(
-        note="The offline demo world (zeroconv demo): the shipped world base and its ControlNet fill the outline in "
-             "inputs/world_outline.png with the caption's colours. Runs with `zeroconv run workflows/demo_world.json` "
-             "(the files ship in the package's models/ folder); in ComfyUI, copy them to models/checkpoints and "
-             "models/controlnet and the outline to input/.",
-        graph=_sd15_graph([{"file": "world_controlnet.safetensors", "image": "world_outline.png"}],
-                          "red circle with blue background", size=64, ckpt="world_base.safetensors",
-                          negative="", sampler={"seed": 2024, "steps": 20, "cfg": 3.0, "sampler_name": "ddim",
-                                                "scheduler": "ddim_uniform", "denoise": 1.0})),
 }
+
+WORKFLOWS["demo_world"] = dict(
+    note="The offline demo world (as `zeroconv demo`): the world base and its ControlNet, both shipped in the pack's "
+         "models/ folder, fill the outline with the caption's colours. `zeroconv run workflows/demo_world.json` reads "
+         "workflows/inputs/world_outline.png; in ComfyUI put that image in input/. Captions name a colour, a shape "
+         "(circle, square, triangle) and a background colour.",
+    graph={**_sd15_graph([{"file": "world_controlnet.safetensors", "image": "world_outline.png"}],
+                         "red circle with blue background", size=64, negative="",
+                         sampler={"seed": 2024, "steps": 20, "cfg": 3.0, "sampler_name": "ddim",
+                                  "scheduler": "ddim_uniform", "denoise": 1.0}),
+           "ckpt": {"type": "ZeroConvLoadWorldBase", "widgets": {"base_name": "world_base.safetensors"}}})
 
 for _spec in ANNOTATORS.values():
     _weights = (f"Needs the annotator weights {', '.join(_spec.weights)} (models/annotators; fetched on first use "

@@ -1,0 +1,75 @@
+"""The demo world's base as a graph node: MODEL, CLIP and VAE from a ZeroConv world-base file, in ComfyUI and in
+`zeroconv run` alike (ComfyUI's own checkpoint loader cannot read it: the world is not a Stable Diffusion)."""
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+from ..training.world_base import load_world_base
+from .comfy_adapter import host_base_objects
+from .common import CATEGORY, PACKAGE_MODELS
+
+BASE_PATTERN = "*base*.safetensors"
+
+
+def _host_checkpoint_dirs() -> list[Path]:
+    if importlib.util.find_spec("folder_paths") is None:
+        return []
+    import folder_paths
+
+    return [Path(p) for p in folder_paths.get_folder_paths("checkpoints")]
+
+
+def world_base_names() -> list[str]:
+    """World bases shipped with the pack, then ComfyUI's checkpoints whose names say they are world bases."""
+    names = [p.name for p in sorted(PACKAGE_MODELS.glob(BASE_PATTERN))]
+    names += [p.name for d in _host_checkpoint_dirs() if d.is_dir() for p in sorted(d.glob(f"world*{BASE_PATTERN}"))]
+    return list(dict.fromkeys(names))
+
+
+def resolve_world_base(name: str) -> Path:
+    """A listed name (package models/ first, then ComfyUI's checkpoints) or a path."""
+    for folder in (PACKAGE_MODELS, *_host_checkpoint_dirs()):
+        if (folder / name).is_file():
+            return folder / name
+    if Path(name).expanduser().is_file():
+        return Path(name).expanduser()
+    raise FileNotFoundError(f"world base {name!r} not found in {PACKAGE_MODELS} or the checkpoints folder; the pack "
+                            "ships models/world_base.safetensors (reinstall it), or train one with "
+                            "`python -m zeroconv.training.train_world_base`")
+
+
+class ZeroConvLoadWorldBase:
+    """Load the demo world's base model (a tiny text-to-image diffusion model trained by ZeroConv).
+
+    Args:
+        base_name: a world-base file: the one shipped in the pack's models/ folder, one in models/checkpoints
+            named world*base*.safetensors, or a path.
+    """
+
+    DESCRIPTION = ("Loads ZeroConv's demo-world base (tiny U-Net, word-level text encoder, exact pixel-unshuffle "
+                   "VAE). Use it with world_controlnet.safetensors and captions like 'red circle with blue "
+                   "background'.")
+    RETURN_TYPES = ("MODEL", "CLIP", "VAE")
+    FUNCTION = "load"
+    CATEGORY = f"{CATEGORY}/loaders"
+
+    @classmethod
+    def INPUT_TYPES(cls) -> dict:
+        return {"required": {"base_name": (world_base_names() or ["world_base.safetensors"],
+                                           {"tooltip": "the world base file"})}}
+
+    @classmethod
+    def VALIDATE_INPUTS(cls, base_name: str) -> bool | str:
+        try:
+            resolve_world_base(base_name)
+        except FileNotFoundError as exc:
+            return str(exc)
+        return True
+
+    def load(self, base_name: str) -> tuple:
+        return host_base_objects(load_world_base(resolve_world_base(base_name)))
+
+
+NODE_CLASS_MAPPINGS = {"ZeroConvLoadWorldBase": ZeroConvLoadWorldBase}
+NODE_DISPLAY_NAME_MAPPINGS = {"ZeroConvLoadWorldBase": "Load Demo World Base (ZeroConv)"}

@@ -1,25 +1,36 @@
-"""Images per second of annotators at 512x512: OpenCV Canny, kornia Canny (CPU, and GPU where there is one).
+"""Images per second of annotators at 512x512, batch 1 and 16: Canny (OpenCV on the CPU; kornia on the CPU and, where
+there is one, the GPU) and one learned annotator (HED soft edges, the ControlNet v1.1 network, with random weights:
+throughput does not depend on the weight values, so no download is needed).
 
-    python bench/bench_annotators.py
+    python bench/bench_annotators.py [--quick]
 
-Learned annotators are not in this build yet; their rows are added when they land. Writes
-bench/results/annotators-<machine>.md.
+Everything goes through `annotators.registry.annotate` (detect resolution 512), as the nodes call it, except kornia
+on the CPU, which `annotate` never picks (OpenCV is faster there) and is timed through the spec's batch function.
+Writes bench/results/annotators-<machine>.md.
 """
 from __future__ import annotations
 
+import argparse
 import os
 import platform
 import time
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
 
-from zeroconv.annotators.registry import annotate, annotate_on_device
+from zeroconv.annotators.learned.base import randomize
+from zeroconv.annotators.learned.hed import ControlNetHED
+from zeroconv.annotators.registry import annotate, get
+
+SIZE = 512
 
 
-def _rate(fn, batch: int, repeats: int = 5) -> float:
-    fn()
+def _rate(fn: Callable[[], object], batch: int, repeats: int) -> float:
+    fn()  # warm-up (first CUDA kernels, caches)
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
     start = time.perf_counter()
     for _ in range(repeats):
         fn()
@@ -28,19 +39,38 @@ def _rate(fn, batch: int, repeats: int = 5) -> float:
     return batch * repeats / (time.perf_counter() - start)
 
 
-def main() -> int:
+def _hed_cache(device: str) -> Callable[..., torch.nn.Module]:
+    net = randomize(ControlNetHED()).eval().requires_grad_(False).to(device)
+    return lambda spec, dev: net
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="one repeat per row (a smoke run)")
+    args = parser.parse_args(argv)
     rng = np.random.default_rng(0)
+    devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+    kornia_canny = get("canny").batch_fn
     rows = []
     for batch in (1, 16):
-        images = rng.integers(0, 255, (batch, 512, 512, 3), dtype=np.uint8)
-        rows.append(("canny, OpenCV", "cpu", batch, _rate(lambda: annotate("canny", images, 0), batch)))
-        devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+        images = rng.integers(0, 255, (batch, SIZE, SIZE, 3), dtype=np.uint8)
+        repeats = 1 if args.quick else 5
+        rows.append(("canny, OpenCV", "cpu", batch, _rate(lambda: annotate("canny", images, device="cpu"),
+                                                           batch, repeats)))
         for device in devices:
-            rows.append(("canny, kornia", device, batch,
-                         _rate(lambda: annotate_on_device("canny", images, device), batch)))
-    lines = ["# Annotator throughput at 512x512", "",
-             f"Machine: {platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, "
-             f"threads {torch.get_num_threads()}; random images; mean over 5 repeats after a warm-up.", "",
+            run = ((lambda: kornia_canny(images, device="cpu")) if device == "cpu"
+                   else (lambda: annotate("canny", images, device=device)))
+            rows.append(("canny, kornia", device, batch, _rate(run, batch, repeats)))
+        for device in devices:
+            cache = _hed_cache(device)
+            heavy = 1 if args.quick or (device == "cpu" and batch > 1) else 3
+            rows.append(("hed (learned, ControlNetHED)", device, batch,
+                         _rate(lambda: annotate("hed", images, device=device, model_cache=cache), batch, heavy)))
+    gpu = f", GPU {torch.cuda.get_device_name()}" if torch.cuda.is_available() else ", no GPU"
+    lines = [f"# Annotator throughput at {SIZE}x{SIZE}", "",
+             f"Machine: {platform.machine()} {platform.processor() or ''}, {os.cpu_count()} cores{gpu}, "
+             f"torch {torch.__version__}, {torch.get_num_threads()} CPU threads; random images; "
+             "images/s after one warm-up call (5 repeats; learned on CPU at batch 16: 1).", "",
              "| annotator | device | batch | images/s |", "| --- | --- | --- | --- |"]
     lines += [f"| {name} | {device} | {batch} | {rate:.1f} |" for name, device, batch, rate in rows]
     out = Path(__file__).parent / "results" / f"annotators-{platform.node() or 'machine'}.md"

@@ -151,7 +151,7 @@ PRESETS: dict[str, dict[str, Any]] = {
     # the demo world's base (training/world_base.py): 64 px images as 8x8 pixel-unshuffled 192-channel latents
     "world": dict(family="ZeroConv world", model_channels=64, channel_mult=(1, 2), num_res_blocks=1,
                   transformer_depth=(None, 1), transformer_depth_middle=1, context_dim=64, num_heads=4,
-                  in_channels=192, out_channels=192, hint_block_channels=(16, 32, 64, 128)),
+                  in_channels=48, out_channels=48, hint_block_channels=(16, 32, 64, 128)),
 }
 
 

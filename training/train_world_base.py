@@ -12,7 +12,6 @@ import math
 import platform
 import time
 from dataclasses import asdict, dataclass
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -22,6 +21,7 @@ from .world import random_specs, render_target
 from .world_base import WorldBase, build_world_base, save_world_base
 
 logger = logging.getLogger(__name__)
+FIT_POOL = 4000  # pictures of the pool the patch autoencoder is fitted on (256,000 patches)
 
 
 @dataclass(frozen=True)
@@ -58,11 +58,6 @@ def make_pool(cfg: BaseTrainConfig) -> tuple[torch.Tensor, list[str]]:
     return torch.from_numpy(images).permute(0, 3, 1, 2).contiguous(), [s.caption for s in specs]
 
 
-def measure_latent_scale(images: torch.Tensor) -> float:
-    """1 / std of the pixel values in [-1, 1] (the role of SD's 0.18215: unit-variance latents)."""
-    return float(1.0 / (images[:2000].float() / 127.5 - 1.0).std())
-
-
 def ema_update(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> None:
     with torch.no_grad():
         for e, p in zip(ema.parameters(), model.parameters()):
@@ -83,7 +78,8 @@ def train(cfg: BaseTrainConfig) -> dict[str, float]:
     """Build, draw the data, optimise, save the EMA weights; returns final numbers for models/README.md."""
     torch.set_num_threads(cfg.threads)
     images, captions = make_pool(cfg)
-    base = build_world_base(image_size=cfg.image_size, latent_scale_factor=measure_latent_scale(images), seed=cfg.seed)
+    base = build_world_base(image_size=cfg.image_size, seed=cfg.seed,
+                            fit_pixels=images[:FIT_POOL].float() / 127.5 - 1.0)
     ema = {name: copy.deepcopy(m).requires_grad_(False) for name, m in base.modules().items()}
     params = [p for m in base.modules().values() for p in m.parameters()]
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
@@ -110,7 +106,8 @@ def train(cfg: BaseTrainConfig) -> dict[str, float]:
             logger.info("step %d/%d  loss %.4f  lr %.2e  %.0f s", step + 1, cfg.steps,
                         float(np.mean(losses[-cfg.log_every:])), lr_at(cfg, step), time.time() - start)
     wall = time.time() - start
-    final = WorldBase(ema["unet"], ema["text_encoder"], base.schedule, base.image_size, base.latent_scale_factor)
+    final = WorldBase(ema["unet"], ema["text_encoder"], base.autoencoder, base.schedule, base.image_size,
+                      base.latent_scale_factor)
     result = {"final_loss": float(np.mean(losses[-500:])), "wall_s": round(wall, 1)}
     provenance = {"command": f"python -m zeroconv.training.train_world_base --out {cfg.out} --seed {cfg.seed} "
                              f"--steps {cfg.steps}", "config": asdict(cfg), **result,

@@ -1,8 +1,12 @@
-"""The demo world's locked base: a word-level text encoder, the LDM-layout U-Net at a tiny size, and an exact
-pixel-unshuffle "VAE", stored together in one safetensors file (metadata zeroconv_kind = "world-base").
+"""The demo world's locked base: a word-level text encoder, the LDM-layout U-Net at a tiny size, and a linear
+patch autoencoder, stored together in one safetensors file (metadata zeroconv_kind = "world-base").
 
-The autoencoder is training-free: an image (3, H, W) becomes (3*64, H/8, W/8) by pixel_unshuffle(8) (Shi et al.
-2016), so the ControlNet's 8x hint-to-latent ratio holds and decoding is exact. The schedule is DDPM's linear one
+The autoencoder is fitted, not trained: each 8x8 RGB patch (pixel_unshuffle(8), Shi et al. 2016: 192 values) is
+projected on the first 48 principal components of the world's patches, so the latent is (48, H/8, W/8), the
+ControlNet's 8x hint-to-latent ratio holds, and decoding is the transpose. Measured on 200 held-out pictures:
+99.6 % of the patch variance kept, mean IoU 0.986 (min 0.948) between the decoded shape and the true one. 48, not
+192, channels: a 64-channel U-Net cannot carry 192 independent values per cell (an epsilon model on the raw
+unshuffled patches stalled at MSE 0.68 = about 1 - 64/192, and sampled noise). The schedule is DDPM's linear one
 (Ho et al. 2020): in pixel space the LDM schedule leaves the image's mean colour readable at t = 999.
 """
 from __future__ import annotations
@@ -14,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -30,6 +35,8 @@ logger = logging.getLogger(__name__)
 KIND = "world-base"  # safetensors metadata zeroconv_kind, read by base.detect_base_kind
 FAMILY = "ZeroConv world"
 PATCH = 8  # pixel_unshuffle factor: the latent is 1/8 of the image side, as in Stable Diffusion
+LATENT_CHANNELS = 48  # principal components kept per 8x8 RGB patch (of 192)
+FIT_IMAGES = 512  # world pictures the default autoencoder is fitted on
 SPECIALS = ("<pad>", "<bos>", "<eos>", "<unk>")
 
 
@@ -98,10 +105,48 @@ class WorldTextEncoder(nn.Module):
         return self.final_layer_norm(self.layers(h))
 
 
-def linear_schedule(beta_start: float = 1e-4, beta_end: float = 0.02, steps: int = 1000) -> NoiseSchedule:
-    """DDPM's linear betas (Ho et al. 2020), epsilon prediction."""
+def linear_schedule(beta_start: float = 1e-4, beta_end: float = 0.02, steps: int = 1000,
+                    prediction_type: PredictionType = PredictionType.V_PREDICTION) -> NoiseSchedule:
+    """DDPM's linear betas (Ho et al. 2020) with v-prediction (Salimans & Ho 2022).
+
+    v, not epsilon: with this schedule sqrt(a) is 0.006 at t = 999, so an epsilon model's x0 estimate there,
+    (x_t - sqrt(1 - a) eps) / sqrt(a), multiplies its error by ~150; v is -x0 at high t and the noise only at low t,
+    where its error is scaled down by sqrt(1 - a).
+    """
     betas = torch.linspace(beta_start, beta_end, steps, dtype=torch.float64)
-    return NoiseSchedule(torch.cumprod(1.0 - betas, dim=0))
+    return NoiseSchedule(torch.cumprod(1.0 - betas, dim=0), prediction_type)
+
+
+class PatchAutoencoder(nn.Module):
+    """Linear autoencoder on 8x8 RGB patches: the top principal components of the world's patches (buffers only)."""
+
+    def __init__(self, basis: torch.Tensor, mean: torch.Tensor):
+        super().__init__()
+        self.register_buffer("basis", basis.float().contiguous())  # (K, 3 * PATCH * PATCH), orthonormal rows
+        self.register_buffer("mean", mean.float().contiguous())  # (3 * PATCH * PATCH,)
+
+    @classmethod
+    def fit(cls, pixels: torch.Tensor, channels: int = LATENT_CHANNELS) -> "PatchAutoencoder":
+        """PCA of the 8x8 patches of (N, 3, H, W) pictures in [-1, 1], keeping `channels` components."""
+        patches = F.pixel_unshuffle(pixels.float(), PATCH).permute(0, 2, 3, 1).reshape(-1, 3 * PATCH * PATCH)
+        mean = patches.double().mean(dim=0)
+        centred = patches.double() - mean
+        values, vectors = torch.linalg.eigh(centred.T @ centred)  # ascending eigenvalues of the scatter matrix
+        return cls(vectors.flip(-1)[:, :channels].T, mean)
+
+    @property
+    def channels(self) -> int:
+        return self.basis.shape[0]
+
+    def encode(self, pixels: torch.Tensor) -> torch.Tensor:
+        """(B, 3, H, W) -> (B, K, H/8, W/8) unscaled coefficients."""
+        patches = F.pixel_unshuffle(pixels.to(self.basis.dtype), PATCH).movedim(1, -1)
+        return ((patches - self.mean) @ self.basis.T).movedim(-1, 1)
+
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        """(B, K, h, w) unscaled coefficients -> (B, 3, 8h, 8w)."""
+        patches = latents.to(self.basis.dtype).movedim(1, -1) @ self.basis + self.mean
+        return F.pixel_shuffle(patches.movedim(-1, 1), PATCH)
 
 
 class WorldBase:
@@ -109,10 +154,12 @@ class WorldBase:
 
     family = FAMILY
 
-    def __init__(self, unet: UNetModel, text_encoder: WorldTextEncoder, schedule: NoiseSchedule, image_size: int,
-                 latent_scale_factor: float, metadata: dict[str, str] | None = None):
+    def __init__(self, unet: UNetModel, text_encoder: WorldTextEncoder, autoencoder: PatchAutoencoder,
+                 schedule: NoiseSchedule, image_size: int, latent_scale_factor: float,
+                 metadata: dict[str, str] | None = None):
         self.unet = unet
         self.text_encoder = text_encoder
+        self.autoencoder = autoencoder
         self.tokenizer = WorldTokenizer(text_encoder.config.vocab, text_encoder.config.max_tokens)
         self.schedule = schedule
         self.image_size = image_size
@@ -132,22 +179,22 @@ class WorldBase:
         return TextConditioning(self.text_encoder(ids).to(self.device, self.dtype))  # (B, T, context_dim)
 
     def encode_images(self, pixels: torch.Tensor) -> torch.Tensor:
-        """(B, 3, H, W) in [-1, 1] -> (B, 192, H/8, W/8) scaled latents."""
+        """(B, 3, H, W) in [-1, 1] -> (B, K, H/8, W/8) scaled latents."""
         if pixels.shape[-1] % PATCH or pixels.shape[-2] % PATCH:
             raise ValueError(f"image sides must be multiples of {PATCH}, got {tuple(pixels.shape[-2:])}; resize it")
-        return F.pixel_unshuffle(pixels, PATCH) * self.latent_scale_factor
+        return (self.autoencoder.encode(pixels) * self.latent_scale_factor).to(pixels.dtype)
 
     def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
-        """Scaled latents (B, 192, h, w) -> (B, 3, 8h, 8w) in [-1, 1]."""
-        return F.pixel_shuffle(latents / self.latent_scale_factor, PATCH).clamp(-1, 1)
+        """Scaled latents (B, K, h, w) -> (B, 3, 8h, 8w) in [-1, 1]."""
+        return self.autoencoder.decode(latents / self.latent_scale_factor).to(latents.dtype).clamp(-1, 1)
 
     def modules(self) -> dict[str, nn.Module]:
         """The weight-holding parts, by file-key prefix."""
-        return {"unet": self.unet, "text_encoder": self.text_encoder}
+        return {"unet": self.unet, "text_encoder": self.text_encoder, "autoencoder": self.autoencoder}
 
     def to(self, device: torch.device | str, dtype: torch.dtype | None = None) -> "WorldBase":
-        for module in self.modules().values():
-            module.to(device, dtype)
+        for name, module in self.modules().items():
+            module.to(device, None if name == "autoencoder" else dtype)  # the projection stays fp32
         return self
 
     def lock(self) -> "WorldBase":
@@ -158,25 +205,38 @@ class WorldBase:
 
 
 def build_world_base(unet_config: ControlNetConfig | None = None, text_config: TextEncoderConfig | None = None,
-                     image_size: int = 64, latent_scale_factor: float = 1.0, seed: int = 0) -> WorldBase:
-    """A freshly initialised world base (the starting point of train_world_base)."""
+                     image_size: int = 64, latent_scale_factor: float | None = None, seed: int = 0,
+                     autoencoder: PatchAutoencoder | None = None, fit_pixels: torch.Tensor | None = None) -> WorldBase:
+    """A freshly initialised world base (the starting point of train_world_base).
+
+    Without an autoencoder one is fitted on `fit_pixels` ((N, 3, H, W) in [-1, 1]), by default FIT_IMAGES pictures
+    drawn from `seed`; without a latent scale it is 1 / std of their latents (SD's 0.18215 plays this role).
+    """
+    from .world import random_specs, render_target
+
     unet_config = unet_config or preset("world")
-    if unet_config.in_channels != 3 * PATCH * PATCH:
-        raise ValueError(f"the world's U-Net needs in_channels {3 * PATCH * PATCH} (pixel_unshuffle of RGB by "
-                         f"{PATCH}), got {unet_config.in_channels}")
+    if autoencoder is None or latent_scale_factor is None:
+        if fit_pixels is None:
+            pictures = np.stack([render_target(s, image_size) for s in random_specs(FIT_IMAGES, seed)])
+            fit_pixels = torch.from_numpy(pictures).permute(0, 3, 1, 2).float() / 127.5 - 1.0
+        autoencoder = autoencoder or PatchAutoencoder.fit(fit_pixels, unet_config.in_channels)
+        latent_scale_factor = latent_scale_factor or float(1.0 / autoencoder.encode(fit_pixels).std())
+    if unet_config.in_channels != autoencoder.channels:
+        raise ValueError(f"the world's U-Net takes {unet_config.in_channels} latent channels but the autoencoder "
+                         f"makes {autoencoder.channels}; fit the autoencoder with as many components")
     text_config = text_config or TextEncoderConfig(world_vocabulary(), width=unet_config.context_dim)
     if text_config.width != unet_config.context_dim:
         raise ValueError(f"text encoder width {text_config.width} must equal the U-Net context_dim "
                          f"{unet_config.context_dim}")
     torch.manual_seed(seed)
-    return WorldBase(UNetModel(unet_config), WorldTextEncoder(text_config), linear_schedule(), image_size,
-                     latent_scale_factor)
+    return WorldBase(UNetModel(unet_config), WorldTextEncoder(text_config), autoencoder, linear_schedule(),
+                     image_size, latent_scale_factor)
 
 
 def save_world_base(base: WorldBase, path: str | Path, provenance: dict[str, Any] | None = None,
                     dtype: torch.dtype = torch.float16) -> Path:
     """Write the base as one safetensors file (weights in `dtype`, everything needed to rebuild it as metadata)."""
-    state = {f"{prefix}.{k}": v.detach().to("cpu", dtype).contiguous()
+    state = {f"{prefix}.{k}": v.detach().to("cpu", torch.float32 if prefix == "autoencoder" else dtype).contiguous()
              for prefix, module in base.modules().items() for k, v in module.state_dict().items()}
     meta = {"zeroconv_kind": KIND, "zeroconv_family": FAMILY, "zeroconv_config": base.unet.config.to_json(),
             "zeroconv_text_config": base.text_encoder.config.to_json(),
@@ -209,11 +269,15 @@ def load_world_base(path: str | Path, device: str | torch.device = "cpu", dtype:
                          f"{meta.get('zeroconv_kind')!r}); make one with `python -m zeroconv.training.train_world_base`")
     unet = UNetModel(ControlNetConfig.from_json(meta["zeroconv_config"]))
     text_encoder = WorldTextEncoder(TextEncoderConfig.from_json(meta["zeroconv_text_config"]))
-    for prefix, module in (("unet", unet), ("text_encoder", text_encoder)):
+    if "autoencoder.basis" not in state:
+        raise ValueError(f"{path} is a world base from before the patch autoencoder; rebuild it with "
+                         "`python -m zeroconv.training.train_world_base`")
+    autoencoder = PatchAutoencoder(state["autoencoder.basis"], state["autoencoder.mean"])
+    for prefix, module in (("unet", unet), ("text_encoder", text_encoder), ("autoencoder", autoencoder)):
         part = {k[len(prefix) + 1:]: v for k, v in state.items() if k.startswith(prefix + ".")}
         module.load_state_dict(part, strict=True)
     schedule = NoiseSchedule(torch.tensor(json.loads(meta["zeroconv_alphas_cumprod"]), dtype=torch.float64),
                              PredictionType(meta.get("zeroconv_prediction_type", "epsilon")))
-    base = WorldBase(unet, text_encoder, schedule, int(meta["zeroconv_image_size"]),
+    base = WorldBase(unet, text_encoder, autoencoder, schedule, int(meta["zeroconv_image_size"]),
                      float(meta["zeroconv_latent_scale"]), meta)
     return base.to(device, dtype).lock()

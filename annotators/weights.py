@@ -4,6 +4,10 @@ Where a file is looked for, in order: the host's folders (ComfyUI's models/annot
 `host_weight_dirs`), the folder in ZEROCONV_ANNOTATOR_DIR, the Hugging Face hub cache. Otherwise it is downloaded
 with huggingface_hub (progress bar), into the host folder, else ZEROCONV_ANNOTATOR_DIR, else the hub cache, unless
 offline (argument, ZEROCONV_OFFLINE=1 or HF_HUB_OFFLINE=1): then one FileNotFoundError says what to put where.
+
+A row's name (the key annotators ask for, and where the file goes in a folder) is the file's base name, unless the
+row gives "name": hub repositories in the transformers layout all hold a `config.json` and a `model.safetensors`, so
+their rows are named `<repo_id>/<file>` and are looked for (and downloaded) in that sub-folder of a weights folder.
 """
 from __future__ import annotations
 
@@ -40,23 +44,32 @@ class WeightEntry:
     sha256: str | None  # None where no hash was recorded: verification then only warns
     license: str
     used_by: tuple[str, ...]  # annotator names
+    local_name: str | None = None  # the row's "name" when given: a relative path ending in `file`
 
     @property
     def name(self) -> str:
-        return Path(self.file).name
+        """The key annotators use and the path under a weights folder: "name" if given, else the file's base name."""
+        return self.local_name or Path(self.file).name
 
 
 def load_manifest(path: Path | str | None = None) -> dict[str, WeightEntry]:
     """File name -> entry, from the JSON manifest (a list of objects with the WeightEntry fields)."""
     path = Path(path) if path else MANIFEST_PATH
     rows = json.loads(path.read_text(encoding="utf-8"))
-    entries = {}
+    entries: dict[str, WeightEntry] = {}
     for row in rows:
         missing = {"file", "repo_id", "revision", "size", "sha256", "license", "used_by"} - set(row)
         if missing:
             raise ValueError(f"{path}: entry {row.get('file', row)!r} lacks {sorted(missing)}; add them")
+        local_name = row.get("name")
+        if local_name is not None and not (local_name == row["file"] or local_name.endswith("/" + row["file"])):
+            raise ValueError(f"{path}: entry {row['file']!r} has name {local_name!r}, which must end with "
+                             f"'/{row['file']}' (the folder it goes in, then the file)")
         entry = WeightEntry(row["file"], row["repo_id"], row["revision"], row["size"], row["sha256"],
-                            row["license"], tuple(row["used_by"]))
+                            row["license"], tuple(row["used_by"]), local_name)
+        if entry.name in entries:
+            raise ValueError(f"{path}: two entries are named {entry.name!r} ({entries[entry.name].repo_id} and "
+                             f"{entry.repo_id}); give one a \"name\" such as '<repo_id>/{entry.file}'")
         entries[entry.name] = entry
     return entries
 
@@ -89,7 +102,7 @@ def local_dirs(directory: Path | str | None = None) -> list[Path]:
 
 def _entry(filename: str, manifest: Mapping[str, WeightEntry] | None) -> WeightEntry:
     manifest = load_manifest() if manifest is None else manifest
-    name = Path(filename).name
+    name = filename if filename in manifest else Path(filename).name
     if name not in manifest:
         raise KeyError(f"{filename!r} is not in the annotator weights manifest ({MANIFEST_PATH.name}); "
                        f"known files: {sorted(manifest)}")
@@ -127,8 +140,9 @@ def verify(path: Path, entry: WeightEntry) -> Path:
 
 
 def _find_local(entry: WeightEntry, directory: Path | str | None) -> Path | None:
+    # a named row is only looked for under its name: a bare config.json could be any repository's
     for folder in local_dirs(directory):
-        for candidate in (folder / entry.file, folder / entry.name):
+        for candidate in ((folder / entry.name,) if entry.local_name else (folder / entry.file, folder / entry.name)):
             if candidate.is_file():
                 return candidate
     from huggingface_hub import try_to_load_from_cache
@@ -140,9 +154,9 @@ def _find_local(entry: WeightEntry, directory: Path | str | None) -> Path | None
 def _where_to_put(entry: WeightEntry, directory: Path | str | None) -> str:
     dirs = local_dirs(directory)
     if dirs:
-        return f"put it in {dirs[0]}"
-    return (f"put it in a folder and set {DIR_ENV} to that folder (or run inside ComfyUI, which uses "
-            f"models/annotators), or fetch it while online with: zeroconv fetch-weights {entry.name}")
+        return f"put it at {dirs[0] / entry.name}" if entry.local_name else f"put it in {dirs[0]}"
+    return (f"put it in a folder as {entry.name} and set {DIR_ENV} to that folder (or run inside ComfyUI, which "
+            f"uses models/annotators), or fetch it while online with: zeroconv fetch-weights {entry.name}")
 
 
 def _download(entry: WeightEntry, directory: Path | str | None, progress: bool) -> Path:
@@ -151,6 +165,8 @@ def _download(entry: WeightEntry, directory: Path | str | None, progress: bool) 
 
     dirs = local_dirs(directory)
     target = dirs[0] if dirs else None
+    if target is not None and entry.local_name:  # <folder>/<repo_id>/<file>, the name it is looked for under
+        target = target / entry.name[:-len(entry.file)]
     logger.info("downloading %s from %s (%s bytes) to %s", entry.file, entry.repo_id, entry.size or "?",
                 target or "the Hugging Face hub cache")
     was_disabled = are_progress_bars_disabled()

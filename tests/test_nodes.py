@@ -68,7 +68,8 @@ def test_apply_node_has_core_apply_inputs_first_with_the_same_ranges() -> None:
 
 def test_loader_lists_the_folder_and_caches_per_file(folder, monkeypatch) -> None:
     names = ZeroConvLoadControlNet.INPUT_TYPES()["required"]["control_net_name"][0]
-    assert names == ["control_v11p_sd15_lineart.safetensors", "depth.safetensors", "sd15/Control-Canny.safetensors"]
+    assert names == ["control_v11p_sd15_lineart.safetensors", "depth.safetensors", "sd15/Control-Canny.safetensors",
+                     "world_controlnet.safetensors"]  # the folder's files, then the demo world's shipped one
     first = ZeroConvLoadControlNet().load("depth.safetensors")[0]
     again = ZeroConvLoadControlNet().load("depth.safetensors")[0]
     assert isinstance(first, ZeroConvControl) and again.parts[0].controlnet is first.parts[0].controlnet

@@ -74,7 +74,7 @@ def test_loader_lists_the_folder_and_caches_per_file(folder, monkeypatch) -> Non
     again = ZeroConvLoadControlNet().load("depth.safetensors")[0]
     assert isinstance(first, ZeroConvControl) and again.parts[0].controlnet is first.parts[0].controlnet
     monkeypatch.delenv("ZEROCONV_CONTROLNET_DIR")
-    assert ZeroConvLoadControlNet.INPUT_TYPES()["required"]["control_net_name"][0] == []
+    assert ZeroConvLoadControlNet.INPUT_TYPES()["required"]["control_net_name"][0] == ["world_controlnet.safetensors"]  # no folder: only the shipped one
 
 
 def test_loader_finds_a_file_not_found_as_written_and_says_which(folder, caplog) -> None:

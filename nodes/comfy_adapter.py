@@ -614,12 +614,20 @@ def host_controlnet_names() -> list[str] | None:
     return folder_paths.get_filename_list("controlnet")
 
 
+def host_model_folders(kind: str) -> list[str] | None:
+    """ComfyUI's model folders of a kind ('controlnet', 'checkpoints', ...); None outside ComfyUI."""
+    if importlib.util.find_spec("folder_paths") is None:
+        return None
+    import folder_paths
+
+    return folder_paths.get_folder_paths(kind)
+
+
 def controlnet_folder_paths() -> list[str]:
     """ComfyUI's `controlnet` model folders; outside ComfyUI the folder in ZEROCONV_CONTROLNET_DIR, if set."""
-    if importlib.util.find_spec("folder_paths") is not None:
-        import folder_paths
-
-        return folder_paths.get_folder_paths("controlnet")
+    folders = host_model_folders("controlnet")
+    if folders is not None:
+        return folders
     folder = os.environ.get("ZEROCONV_CONTROLNET_DIR")
     return [folder] if folder else []
 

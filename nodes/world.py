@@ -2,22 +2,17 @@
 `zeroconv run` alike (ComfyUI's own checkpoint loader cannot read it: the world is not a Stable Diffusion)."""
 from __future__ import annotations
 
-import importlib.util
 from pathlib import Path
 
 from ..training.world_base import load_world_base
-from .comfy_adapter import host_base_objects
+from .comfy_adapter import host_base_objects, host_model_folders
 from .common import CATEGORY, PACKAGE_MODELS
 
 BASE_PATTERN = "*base*.safetensors"
 
 
 def _host_checkpoint_dirs() -> list[Path]:
-    if importlib.util.find_spec("folder_paths") is None:
-        return []
-    import folder_paths
-
-    return [Path(p) for p in folder_paths.get_folder_paths("checkpoints")]
+    return [Path(p) for p in host_model_folders("checkpoints") or []]
 
 
 def world_base_names() -> list[str]:

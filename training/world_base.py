@@ -37,6 +37,7 @@ FAMILY = "ZeroConv world"
 PATCH = 8  # pixel_unshuffle factor: the latent is 1/8 of the image side, as in Stable Diffusion
 LATENT_CHANNELS = 48  # principal components kept per 8x8 RGB patch (of 192)
 FIT_IMAGES = 512  # world pictures the default autoencoder is fitted on
+FP32_PARTS = ("autoencoder",)  # parts kept in fp32 in memory and on disk whatever the weights' dtype
 SPECIALS = ("<pad>", "<bos>", "<eos>", "<unk>")
 
 
@@ -128,10 +129,10 @@ class PatchAutoencoder(nn.Module):
     @classmethod
     def fit(cls, pixels: torch.Tensor, channels: int = LATENT_CHANNELS) -> "PatchAutoencoder":
         """PCA of the 8x8 patches of (N, 3, H, W) pictures in [-1, 1], keeping `channels` components."""
-        patches = F.pixel_unshuffle(pixels.float(), PATCH).permute(0, 2, 3, 1).reshape(-1, 3 * PATCH * PATCH)
-        mean = patches.double().mean(dim=0)
-        centred = patches.double() - mean
-        values, vectors = torch.linalg.eigh(centred.T @ centred)  # ascending eigenvalues of the scatter matrix
+        patches = F.pixel_unshuffle(pixels.double(), PATCH).permute(0, 2, 3, 1).reshape(-1, 3 * PATCH * PATCH)
+        mean = patches.mean(dim=0)
+        centred = patches - mean
+        _, vectors = torch.linalg.eigh(centred.T @ centred)  # eigenvectors by ascending eigenvalue
         return cls(vectors.flip(-1)[:, :channels].T, mean)
 
     @property
@@ -194,7 +195,7 @@ class WorldBase:
 
     def to(self, device: torch.device | str, dtype: torch.dtype | None = None) -> "WorldBase":
         for name, module in self.modules().items():
-            module.to(device, None if name == "autoencoder" else dtype)  # the projection stays fp32
+            module.to(device, None if name in FP32_PARTS else dtype)
         return self
 
     def lock(self) -> "WorldBase":
@@ -236,7 +237,7 @@ def build_world_base(unet_config: ControlNetConfig | None = None, text_config: T
 def save_world_base(base: WorldBase, path: str | Path, provenance: dict[str, Any] | None = None,
                     dtype: torch.dtype = torch.float16) -> Path:
     """Write the base as one safetensors file (weights in `dtype`, everything needed to rebuild it as metadata)."""
-    state = {f"{prefix}.{k}": v.detach().to("cpu", torch.float32 if prefix == "autoencoder" else dtype).contiguous()
+    state = {f"{prefix}.{k}": v.detach().to("cpu", torch.float32 if prefix in FP32_PARTS else dtype).contiguous()
              for prefix, module in base.modules().items() for k, v in module.state_dict().items()}
     meta = {"zeroconv_kind": KIND, "zeroconv_family": FAMILY, "zeroconv_config": base.unet.config.to_json(),
             "zeroconv_text_config": base.text_encoder.config.to_json(),

@@ -88,6 +88,11 @@ def device_of(module: nn.Module) -> torch.device:
     return next(module.parameters()).device
 
 
+def dtype_of(module: nn.Module) -> torch.dtype:
+    """The dtype of a net's weights (the host may have cast it)."""
+    return next(module.parameters()).dtype
+
+
 def to_tensor(batch: np.ndarray, device: torch.device) -> torch.Tensor:
     """(N, H, W, C) uint8 -> (N, C, H, W) float32 0..255 on `device`."""
     if batch.ndim != 4 or batch.dtype != np.uint8:

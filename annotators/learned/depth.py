@@ -19,9 +19,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..common import AnnotatorSpec
-from .base import device_of, single, to_tensor, to_uint8_maps
-from .hf import (IMAGENET_MEAN, IMAGENET_STD, HubModel, dtype_of, load_pretrained, normalize, resize_batch,
-                 short_side_multiple)
+from .base import device_of, dtype_of, single, to_tensor, to_uint8_maps
+from .hf import IMAGENET_MEAN, IMAGENET_STD, HubModel, load_pretrained, normalize, resize_batch, short_side_multiple
 
 MIDAS = HubModel("Intel/dpt-hybrid-midas", "DPTForDepthEstimation")
 DEPTH_ANYTHING = HubModel("depth-anything/Depth-Anything-V2-Small-hf", "DepthAnythingForDepthEstimation")

@@ -123,8 +123,3 @@ def short_side_multiple(height: int, width: int, short_side: int, multiple: int)
     scale = short_side / min(height, width)
     return (max(multiple, round(height * scale / multiple) * multiple),
             max(multiple, round(width * scale / multiple) * multiple))
-
-
-def dtype_of(module: nn.Module) -> torch.dtype:
-    """The dtype of a net's weights (the host may have cast it)."""
-    return next(module.parameters()).dtype

@@ -24,9 +24,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..common import AnnotatorSpec
-from .base import device_of, single, to_tensor
-from .hf import (IMAGENET_MEAN, IMAGENET_STD, HubModel, dtype_of, load_pretrained, normalize, resize_batch,
-                 short_side_multiple)
+from .base import device_of, dtype_of, single, to_tensor
+from .hf import IMAGENET_MEAN, IMAGENET_STD, HubModel, load_pretrained, normalize, resize_batch, short_side_multiple
 
 logger = logging.getLogger(__name__)
 

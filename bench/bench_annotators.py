@@ -70,7 +70,7 @@ def main(argv: list[str] | None = None) -> int:
     lines = [f"# Annotator throughput at {SIZE}x{SIZE}", "",
              f"Machine: {platform.machine()} {platform.processor() or ''}, {os.cpu_count()} cores{gpu}, "
              f"torch {torch.__version__}, {torch.get_num_threads()} CPU threads; random images; "
-             "images/s after one warm-up call (5 repeats; learned on CPU at batch 16: 1).", "",
+             "images/s after one warm-up call (5 repeats; learned: 3, and 1 on the CPU at batch 16).", "",
              "| annotator | device | batch | images/s |", "| --- | --- | --- | --- |"]
     lines += [f"| {name} | {device} | {batch} | {rate:.1f} |" for name, device, batch, rate in rows]
     out = Path(__file__).parent / "results" / f"annotators-{platform.node() or 'machine'}.md"

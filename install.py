@@ -4,7 +4,7 @@ ComfyUI-Manager runs this file (working directory = the pack) after `pip install
 there it only checks the requirements, because ComfyUI already brings torch and torchvision.
 
     python install.py            # requirements only (what ComfyUI-Manager does)
-    python install.py --dev      # + torch/torchvision if absent, the package (editable) and test/train extras
+    python install.py --dev      # + torch/torchvision if absent, the package (editable), test/train/annotator extras
 
 This script never imports the pack itself.
 """
@@ -31,7 +31,7 @@ TORCH_PAIRS: dict[str, tuple[str, str]] = {
 TORCHVISION_FOR_TORCH: dict[str, str] = {
     "2.14": "0.29", "2.13": "0.28", "2.12": "0.27", "2.11": "0.26", "2.10": "0.25", "2.9": "0.24", "2.8": "0.23",
 }
-DEV_EXTRAS = "test,train"
+DEV_EXTRAS = "test,train,annotators-gpu,annotators-learned"
 
 
 def _requirement_names(path: Path) -> list[str]:
@@ -100,13 +100,14 @@ def _package_is_this_checkout() -> bool:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--dev", action="store_true", help="also torch, the editable package and test/train extras")
+    parser.add_argument("--dev", action="store_true",
+                        help=f"also torch, the editable package and the extras {DEV_EXTRAS}")
     args = parser.parse_args(argv)
     if args.dev:
         ensure_torch()
     ensure_requirements()
     if args.dev:
-        extras_ok = all(_installed(n) for n in ("pytest", "diffusers", "open_clip_torch"))
+        extras_ok = all(_installed(n) for n in ("pytest", "diffusers", "open_clip_torch", "kornia", "transformers"))
         if not (extras_ok and _package_is_this_checkout()):
             _pip("-e", f"{HERE}[{DEV_EXTRAS}]")
         else:

@@ -105,7 +105,7 @@ def test_loader_suggests_the_annotator_from_metadata(tmp_path, monkeypatch, tiny
     save_controlnet(tiny_controlnet, tmp_path / "mine.safetensors", ControlNetMetadata(control_type="mlsd"))
     with caplog.at_level(logging.INFO):
         ZeroConvLoadControlNet().load("mine.safetensors")
-    assert "mlsd ControlNet" in caplog.text and "lines annotator" in caplog.text
+    assert "mlsd ControlNet" in caplog.text and "the mlsd annotator" in caplog.text  # the one named like the type
 
 
 def test_apply_shares_one_control_and_leaves_its_inputs_alone(folder) -> None:

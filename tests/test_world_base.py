@@ -39,6 +39,10 @@ def test_patch_autoencoder_keeps_the_shapes_with_8x_smaller_latents() -> None:
     latents = base.encode_images(pixels)
     assert latents.shape == (32, 48, 8, 8)
     assert 0.8 < float(latents.std()) < 1.25  # the latent scale makes them about unit variance
+    per_component = latents.std(dim=(0, 2, 3))  # whitened: every component, not just the whole, about unit variance
+    assert float(per_component.min()) > 0.5 and float(per_component.max()) < 1.6
+    scale = base.autoencoder.scale
+    assert float(scale[0] / scale[-1]) > 20, "the first component varies far more than the last: hence whitening"
     basis = base.autoencoder.basis
     assert torch.allclose(basis @ basis.T, torch.eye(48), atol=1e-5)  # orthonormal: decoding is the transpose
     decoded = ((base.decode_latents(latents) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).numpy()
@@ -66,6 +70,20 @@ def test_file_round_trip_is_detected_as_world_and_gives_the_same_outputs(tmp_pat
     controlnet, fresh = init_from_unet(loaded.unet)  # a ControlNet can be made for it
     assert fresh and controlnet.config.in_channels == 24
     assert torch.equal(loaded.autoencoder.basis, base.autoencoder.basis)
+    assert torch.equal(loaded.autoencoder.scale, base.autoencoder.scale)
+
+
+def test_a_base_from_before_whitening_loads_unwhitened(tmp_path) -> None:
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    path = save_world_base(build_world_base(SMALL, seed=3), tmp_path / "world.safetensors", dtype=torch.float32)
+    with safe_open(str(path), framework="pt") as f:
+        metadata = f.metadata()
+    state = {k: v for k, v in load_file(str(path)).items() if k != "autoencoder.scale"}
+    save_file(state, str(path), metadata)
+    loaded = load_world_base(path)
+    assert torch.equal(loaded.autoencoder.scale, torch.ones(24)), "no stored scale: coefficients as they are"
 
 
 def test_loader_refuses_other_files_with_the_fix(tmp_path) -> None:
@@ -89,3 +107,12 @@ def test_training_script_runs_and_writes_a_loadable_base(tmp_path, monkeypatch) 
     loaded = load_world_base(out)
     assert loaded.metadata["zeroconv_provenance"].count("train_world_base") == 1
     assert 0.2 < loaded.latent_scale_factor < 3.0  # 1 / std of the latents of the (here 8) pictures
+    again = tmp_path / "continued.safetensors"
+    assert script.main(["--out", str(again), "--init", str(out), "--steps", "2", "--pool", "8", "--batch-size", "4",
+                        "--warmup", "1", "--log-every", "1"]) == 0
+    continued = load_world_base(again)
+    assert torch.equal(continued.autoencoder.basis, loaded.autoencoder.basis), "the autoencoder is kept, not refitted"
+    assert continued.latent_scale_factor == loaded.latent_scale_factor
+    assert f"--init {out}" in continued.metadata["zeroconv_provenance"]
+    weights = [(a, b) for a, b in zip(continued.unet.parameters(), loaded.unet.parameters())]
+    assert any(not torch.equal(a, b) for a, b in weights), "training went on from the file's weights"

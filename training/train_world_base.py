@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from .world import random_specs, render_target
-from .world_base import WorldBase, build_world_base, save_world_base
+from .world_base import WorldBase, build_world_base, load_world_base, save_world_base
 
 logger = logging.getLogger(__name__)
 FIT_POOL = 4000  # pictures of the pool the patch autoencoder is fitted on (256,000 patches)
@@ -30,6 +30,7 @@ class BaseTrainConfig:
 
     out: str = "models/world_base.safetensors"  # where the trained base is written
     seed: int = 0  # seeds the data, the initial weights, noise, timesteps and caption dropout
+    init: str = ""  # a world base file to continue from (its weights, autoencoder and schedule); "" = from scratch
     steps: int = 6000  # optimiser steps
     batch_size: int = 32  # samples per step
     lr: float = 5e-4  # AdamW peak learning rate
@@ -78,10 +79,16 @@ def train(cfg: BaseTrainConfig) -> dict[str, float]:
     """Build, draw the data, optimise, save the EMA weights; returns final numbers for models/README.md."""
     torch.set_num_threads(cfg.threads)
     images, captions = make_pool(cfg)
-    base = build_world_base(image_size=cfg.image_size, seed=cfg.seed,
-                            fit_pixels=images[:FIT_POOL].float() / 127.5 - 1.0)
+    if cfg.init:
+        base = load_world_base(cfg.init)  # fp32, locked: unlock it to train on
+        for module in base.modules().values():
+            module.requires_grad_(True).train()
+        base.autoencoder.requires_grad_(False)
+    else:
+        base = build_world_base(image_size=cfg.image_size, seed=cfg.seed,
+                                fit_pixels=images[:FIT_POOL].float() / 127.5 - 1.0)
     ema = {name: copy.deepcopy(m).requires_grad_(False) for name, m in base.modules().items()}
-    params = [p for m in base.modules().values() for p in m.parameters()]
+    params = [p for m in base.modules().values() for p in m.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     gen = torch.Generator().manual_seed(cfg.seed)
     start, losses = time.time(), []
@@ -109,8 +116,8 @@ def train(cfg: BaseTrainConfig) -> dict[str, float]:
     final = WorldBase(ema["unet"], ema["text_encoder"], base.autoencoder, base.schedule, base.image_size,
                       base.latent_scale_factor)
     result = {"final_loss": float(np.mean(losses[-500:])), "wall_s": round(wall, 1)}
-    provenance = {"command": f"python -m zeroconv.training.train_world_base --out {cfg.out} --seed {cfg.seed} "
-                             f"--steps {cfg.steps}", "config": asdict(cfg), **result,
+    command = f"python -m zeroconv.training.train_world_base --out {cfg.out} --seed {cfg.seed} --steps {cfg.steps}"
+    provenance = {"command": command + (f" --init {cfg.init}" if cfg.init else ""), "config": asdict(cfg), **result,
                   "machine": f"{platform.machine()} {platform.processor() or platform.system()}, "
                              f"{cfg.threads} torch threads, torch {torch.__version__}"}
     save_world_base(final, cfg.out, provenance)

@@ -3,7 +3,10 @@ al. 2023 §4.3, Fig. 21), read from the checkpoints of the standard `zeroconv tr
 
     python -m zeroconv.training.world --out data/world --count 10000 --size 64 --seed 1
     zeroconv train examples/world_controlnet.toml          # writes output/world_controlnet/checkpoints/
-    python bench/convergence/measure.py --run output/world_controlnet
+    pip install -e ".[bench]"                              # matplotlib, for the plot
+    python bench/convergence/measure.py --run output/world_controlnet --count 32 --steps 10
+    # early/: the same config with max_steps = 600, save_every = 20, output_dir = "output/world_controlnet_early"
+    # (deterministic: the same losses as the full run), measured with --run that folder --out bench/convergence/early
 
 Every saved checkpoint generates the same held-out outlines with their captions (DDIM and CFG of the run's
 validation); the IoU of the generated shape with the outline's filled area is plotted with the run's own
@@ -65,14 +68,14 @@ def sudden_convergence(points: list[tuple[int, float]]) -> dict[str, float | int
             "step90": first_at(0.9)}
 
 
-def plot(points: list[tuple[int, float]], history: dict, found: dict, path: Path) -> None:
+def plot(points: list[tuple[int, float]], history: dict, found: dict, count: int, path: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, (ax1, ax2) = plt.subplots(2, 1, figsize=(7, 6), sharex=True, gridspec_kw={"height_ratios": [2, 1]})
-    ax1.plot(*zip(*points), "o-", color="C3", label="IoU, generated shape vs filled outline (16 held-out)")
+    ax1.plot(*zip(*points), "o-", color="C3", label=f"IoU, generated shape vs filled outline ({count} held-out)")
     if history.get("fidelity"):
         ax1.plot(*zip(*history["fidelity"]), ".-", color="C0", alpha=0.7, label="edge F1, Canny of samples (validation)")
     if found["step50"] is not None:
@@ -99,6 +102,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--base", default=str(BASE_FILE), help="the world base the run trained against")
     parser.add_argument("--count", type=int, default=16, help="held-out outlines per checkpoint")
     parser.add_argument("--out", default=str(HERE), help="folder for curve.png and curve.json")
+    parser.add_argument("--steps", type=int, default=None, help="DDIM steps (default: the run's validation)")
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
@@ -107,6 +111,7 @@ def main(argv: list[str] | None = None) -> int:
     history = json.loads((run / "history.json").read_text())
     kept = checkpoints(run)
     cfg_scale, steps = validation_settings(kept[-1][1])
+    steps = args.steps or steps
     base = load_base(args.base)
     specs = random_specs(args.count, HELD_OUT_SEED)
     fresh, _ = init_from_unet(base.unet)  # step 0: zero convs at zero, the base alone
@@ -120,11 +125,11 @@ def main(argv: list[str] | None = None) -> int:
         logger.info("step %5d  IoU %.3f  colour accuracy %.2f  (%.0f s)", step, value, colour, time.time() - start)
     found = sudden_convergence(points)
     out = Path(args.out)
-    plot(points, history, found, out / "curve.png")
     (out / "curve.json").write_text(json.dumps({"iou": points, "colour_accuracy": colours, "edge_f1":
                                                 history.get("fidelity", []), "transition": found,
                                                 "cfg_scale": cfg_scale, "sample_steps": steps,
                                                 "held_out_seed": HELD_OUT_SEED, "count": args.count}, indent=1))
+    plot(points, history, found, args.count, out / "curve.png")
     logger.info("IoU %.3f -> %.3f; 10/50/90 %% of the rise at steps %s / %s / %s", found["start"], found["end"],
                 found["step10"], found["step50"], found["step90"])
     return 0

@@ -1,6 +1,6 @@
 """Images per second of annotators at 512x512, batch 1 and 16: Canny (OpenCV on the CPU; kornia on the CPU and, where
-there is one, the GPU) and one learned annotator (HED soft edges, the ControlNet v1.1 network, with random weights:
-throughput does not depend on the weight values, so no download is needed).
+there is one, the GPU) and learned annotators (HED soft edges, the ControlNet v1.1 network, and M-LSD large, with random weights:
+throughput does not depend on the weight values, so no download is needed; M-LSD's line drawing does a little).
 
     python bench/bench_annotators.py [--quick]
 
@@ -11,6 +11,7 @@ Writes bench/results/annotators-<machine>.md.
 from __future__ import annotations
 
 import argparse
+import itertools
 import os
 import platform
 import time
@@ -22,6 +23,7 @@ import torch
 
 from zeroconv.annotators.learned.base import randomize
 from zeroconv.annotators.learned.hed import ControlNetHED
+from zeroconv.annotators.learned.mlsd import MLSDLarge
 from zeroconv.annotators.registry import annotate, get
 
 SIZE = 512
@@ -39,8 +41,15 @@ def _rate(fn: Callable[[], object], batch: int, repeats: int) -> float:
     return batch * repeats / (time.perf_counter() - start)
 
 
-def _hed_cache(device: str) -> Callable[..., torch.nn.Module]:
-    net = randomize(ControlNetHED()).eval().requires_grad_(False).to(device)
+# Learned rows: (label, annotator, net factory); random weights in the real layout (no download needed).
+LEARNED: tuple[tuple[str, str, Callable[[], torch.nn.Module]], ...] = (
+    ("hed (learned, ControlNetHED)", "hed", ControlNetHED),
+    ("mlsd (learned, M-LSD large)", "mlsd", MLSDLarge),
+)
+
+
+def _random_cache(factory: Callable[[], torch.nn.Module], device: str) -> Callable[..., torch.nn.Module]:
+    net = randomize(factory()).eval().requires_grad_(False).to(device)
     return lambda spec, dev: net
 
 
@@ -61,11 +70,11 @@ def main(argv: list[str] | None = None) -> int:
             run = ((lambda: kornia_canny(images, device="cpu")) if device == "cpu"
                    else (lambda: annotate("canny", images, device=device)))
             rows.append(("canny, kornia", device, batch, _rate(run, batch, repeats)))
-        for device in devices:
-            cache = _hed_cache(device)
+        for (label, name, factory), device in itertools.product(LEARNED, devices):
+            cache = _random_cache(factory, device)
             heavy = 1 if args.quick or (device == "cpu" and batch > 1) else 3
-            rows.append(("hed (learned, ControlNetHED)", device, batch,
-                         _rate(lambda: annotate("hed", images, device=device, model_cache=cache), batch, heavy)))
+            rows.append((label, device, batch,
+                         _rate(lambda: annotate(name, images, device=device, model_cache=cache), batch, heavy)))
     gpu = f", GPU {torch.cuda.get_device_name()}" if torch.cuda.is_available() else ", no GPU"
     lines = [f"# Annotator throughput at {SIZE}x{SIZE}", "",
              f"Machine: {platform.machine()} {platform.processor() or ''}, {os.cpu_count()} cores{gpu}, "

@@ -71,8 +71,7 @@ SCRIPT = textwrap.dedent("""
     config = comfy.supported_models.SD15(unet_config)
     config.set_inference_dtype(torch.float32, None)
     comfy_model = config.get_model({})
-    comfy_model.diffusion_model = base.unet
-    base.unet.dtype = torch.float32
+    comfy_model.diffusion_model = base.unet  # BaseModel reads its .dtype (a property of our UNetModel)
     theirs = comfy.model_patcher.ModelPatcher(comfy_model, load_device=torch.device("cpu"),
                                               offload_device=torch.device("cpu"))
     net = toy_controlnet(base)

@@ -18,11 +18,18 @@ NORMAL_Z = 2 * math.pi  # constant z before normalising (v1.0, "a")
 
 def normal_from_depth(depth: np.ndarray, background_threshold: float = 0.4) -> np.ndarray:
     """Normal map (HWC uint8, channels z, y, x) from depth with near = bright (v1.0 MiDaS normal, Sobel ksize 3)."""
+    return normal_from_values(hwc3(depth).astype(np.float32).mean(axis=2), background_threshold)
+
+
+def normal_from_values(d: np.ndarray, background_threshold: float = 0.4) -> np.ndarray:
+    """Normal map (HWC uint8, channels z, y, x) from (H, W) near-is-larger values in any unit (0..255 grey, or a
+    depth net's raw inverse depth as v1.0 used): Sobel x and y, z = NORMAL_Z; flat where the value lies in the
+    lowest `background_threshold` share of its range."""
     import cv2
 
     if not 0.0 <= background_threshold <= 1.0:
         raise ValueError(f"background_threshold is a share of the depth range, 0..1; got {background_threshold}")
-    d = hwc3(depth).astype(np.float32).mean(axis=2)
+    d = np.ascontiguousarray(d, dtype=np.float32)
     x = cv2.Sobel(d, cv2.CV_32F, 1, 0, ksize=3)
     y = cv2.Sobel(d, cv2.CV_32F, 0, 1, ksize=3)
     span = float(d.max() - d.min())

@@ -278,3 +278,26 @@ def test_importing_the_pack_does_not_import_transformers() -> None:
     code = "import sys, zeroconv.annotators.learned; print('transformers' in sys.modules)"
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True)
     assert result.stdout.strip() == "False"
+
+
+def test_normal_from_midas_uses_the_raw_depth_and_points_outwards() -> None:
+    size, radius = 96, 36
+    yy, xx = np.mgrid[:size, :size] - size // 2
+    height = np.sqrt(np.clip(radius**2 - xx**2 - yy**2, 0, None))
+    image = np.repeat((height / height.max() * 255).astype(np.uint8)[..., None], 3, axis=2)  # bright = near
+    net = BrightIsNear(SimpleNamespace(image_size=size))
+    with torch.no_grad():
+        net.scale.fill_(40.0)  # raw inverse depth spanning -40..40, as a depth net's output is unnormalised
+    out = annotate("normal_midas", image, detect_resolution=None, model_cache=lambda s, d: net,
+                   background_threshold=0.05)
+    n = out.astype(np.float32) / 127.5 - 1.0  # channels (z towards the viewer, y up, x left)
+    c, d = size // 2, 25
+    assert n[c, c - d, 2] > 0.3 and n[c, c + d, 2] < -0.3, "B: the left side faces left, the right side right"
+    assert n[c - d, c, 1] > 0.3 and n[c + d, c, 1] < -0.3, "G: the top faces up, the bottom down"
+    assert n[c, c, 0] > 0.99, "R: the centre faces the viewer"
+    assert (out[2, 2] == [255, 127, 127]).all(), "the background is flat"
+    with torch.no_grad():
+        net.scale.fill_(4.0)  # the same shape, a tenth of the raw depth: flatter normals (v1.0 used raw values)
+    flatter = annotate("normal_midas", image, detect_resolution=None, model_cache=lambda s, d: net,
+                       background_threshold=0.05).astype(np.float32) / 127.5 - 1.0
+    assert abs(flatter[c, c - d, 2]) < abs(n[c, c - d, 2])

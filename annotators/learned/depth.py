@@ -8,6 +8,7 @@ ours, in torch, on the model's device: DPT-Hybrid takes exactly its config's 384
 do not interpolate position embeddings) with mean = std = 0.5; Depth Anything takes the short side at 518, aspect
 kept, sides multiples of 14, ImageNet mean/std. Both predict relative inverse depth (larger = nearer); the map is
 resized back bilinearly and min-max normalised per image to 0..255, so near is bright (controlnet-formats.md §5.2).
+ControlNet v1.0's normal map is made from MiDaS's raw (unnormalised) prediction (normal_midas_batch).
 """
 from __future__ import annotations
 
@@ -18,7 +19,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..common import AnnotatorSpec
+from ..common import AnnotatorSpec, ParamSpec
+from ..normal import normal_from_values
 from .base import device_of, dtype_of, single, to_tensor, to_uint8_maps
 from .hf import IMAGENET_MEAN, IMAGENET_STD, HubModel, load_pretrained, normalize, resize_batch, short_side_multiple
 
@@ -49,20 +51,35 @@ def normalise_depth(depth: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def predict_depth(images: np.ndarray, model: nn.Module, size_fn: SizeFn, mean: tuple[float, ...],
-                  std: tuple[float, ...]) -> np.ndarray:
-    """(N, H, W, 3) uint8 RGB -> (N, H, W, 3) uint8 grey depth, near = bright, through a transformers depth model."""
+def raw_depth(images: np.ndarray, model: nn.Module, size_fn: SizeFn, mean: tuple[float, ...],
+              std: tuple[float, ...]) -> torch.Tensor:
+    """(N, H, W, 3) uint8 RGB -> (N, 1, H, W) float32 relative inverse depth as the net predicts it, at image size."""
     x = to_tensor(images, device_of(model))  # (N, 3, H, W) 0..255
     height, width = x.shape[-2:]
     x = resize_batch(x, size_fn(model.config, height, width)) / 255.0
     depth = model(pixel_values=normalize(x, mean, std).to(dtype_of(model))).predicted_depth  # (N, h, w)
-    depth = F.interpolate(depth[:, None].float(), size=(height, width), mode="bilinear", align_corners=False)
-    return to_uint8_maps(normalise_depth(depth))
+    return F.interpolate(depth[:, None].float(), size=(height, width), mode="bilinear", align_corners=False)
+
+
+def predict_depth(images: np.ndarray, model: nn.Module, size_fn: SizeFn, mean: tuple[float, ...],
+                  std: tuple[float, ...]) -> np.ndarray:
+    """(N, H, W, 3) uint8 RGB -> (N, H, W, 3) uint8 grey depth, near = bright, through a transformers depth model."""
+    return to_uint8_maps(normalise_depth(raw_depth(images, model, size_fn, mean, std)))
 
 
 def depth_midas_batch(images: np.ndarray, *, device: str | torch.device, model: nn.Module) -> np.ndarray:
     """MiDaS DPT-Hybrid depth, near = bright (see the module docstring)."""
     return predict_depth(images, model, midas_input_size, MIDAS_MEAN, MIDAS_STD)
+
+
+def normal_midas_batch(images: np.ndarray, *, device: str | torch.device, model: nn.Module,
+                       background_threshold: float = 0.4) -> np.ndarray:
+    """v1.0's "normal from MiDaS": Sobel of MiDaS's raw inverse depth (not the 0..255 map), z = 2 pi, flat background.
+
+    Raw values keep v1.0's tilt: the same surface gives the same normal whatever the picture's depth range.
+    """
+    depth = raw_depth(images, model, midas_input_size, MIDAS_MEAN, MIDAS_STD)[:, 0].cpu().numpy()
+    return np.stack([normal_from_values(d, background_threshold) for d in depth])
 
 
 def depth_anything_batch(images: np.ndarray, *, device: str | torch.device, model: nn.Module) -> np.ndarray:
@@ -85,6 +102,12 @@ SPECS: tuple[AnnotatorSpec, ...] = (
                   weights=MIDAS.files, control_types=("depth",), category="learned", loader=load_depth_midas,
                   batch_fn=depth_midas_batch,
                   description="MiDaS DPT-Hybrid relative depth (Intel/dpt-hybrid-midas, transformers), near = bright"),
+    AnnotatorSpec("normal_midas", "ZeroConvNormalMiDaS", "Normal, from MiDaS (ZeroConv)", single(normal_midas_batch),
+                  (ParamSpec("background_threshold", "float", 0.4, 0.0, 1.0, 0.01,
+                             tooltip="depth below this share of the range is drawn flat (v1.0 default 0.4)"),),
+                  weights=MIDAS.files, control_types=("normal",), category="learned", loader=load_depth_midas,
+                  batch_fn=normal_midas_batch,
+                  description="v1.0 normal map: Sobel of MiDaS DPT-Hybrid's raw depth (R towards you, G up, B left)"),
     AnnotatorSpec("depth_anything_v2", "ZeroConvDepthAnythingV2", "Depth, Depth Anything V2 Small (ZeroConv)",
                   single(depth_anything_batch), weights=DEPTH_ANYTHING.files, control_types=("depth",),
                   category="learned", loader=load_depth_anything, batch_fn=depth_anything_batch,

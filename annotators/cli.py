@@ -53,8 +53,9 @@ def register_cli(subparsers: argparse._SubParsersAction) -> None:
                                    description=__doc__)
     parser.add_argument("names", nargs="*", help="weight files or annotator names (e.g. hed, openpose)")
     parser.add_argument("--all", action="store_true", help="every file in the manifest")
-    parser.add_argument("--offline", action="store_true",
-                        help="never download: only find and verify local files, and fail naming any missing")
+    parser.add_argument("--offline", action="store_true", default=None,
+                        help="never download: only find and verify local files, and fail naming any missing "
+                             "(also when ZEROCONV_OFFLINE=1 or HF_HUB_OFFLINE=1)")
     parser.add_argument("--dir", default=None, help="folder to look in and download to (default: ComfyUI "
                                                     "models/annotators, ZEROCONV_ANNOTATOR_DIR, or the hub cache)")
     parser.add_argument("--list", action="store_true", help="list the manifest and exit")

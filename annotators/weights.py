@@ -196,9 +196,11 @@ def resolve_weight(filename: str, *, offline: bool | None = None, progress: bool
     return verify(found, entry)
 
 
-def fetch_weights(names: list[str] | None = None, offline: bool = False, *, directory: Path | str | None = None,
+def fetch_weights(names: list[str] | None = None, offline: bool | None = None, *, directory: Path | str | None = None,
                   progress: bool = True, manifest: Mapping[str, WeightEntry] | None = None) -> list[Path]:
-    """Make sure the named manifest files (all when None) are present and verified; returns their paths."""
+    """Make sure the named manifest files (all when None) are present and verified; returns their paths.
+
+    `offline` None follows ZEROCONV_OFFLINE / HF_HUB_OFFLINE (is_offline)."""
     manifest = load_manifest() if manifest is None else manifest
     wanted = list(manifest) if names is None else [_entry(n, manifest).name for n in names]
     return [resolve_weight(n, offline=offline, progress=progress, directory=directory, manifest=manifest)

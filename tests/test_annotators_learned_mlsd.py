@@ -111,3 +111,26 @@ def test_mlsd_runs_at_its_native_512_through_the_registry() -> None:
     again = annotate("mlsd", image, detect_resolution=512, model_cache=lambda s, d: net)
     assert first.shape == (512, 512, 3) and set(np.unique(first)) == {0, 255}
     assert (first == again).all(), "deterministic"
+
+
+def test_fetch_weights_obeys_the_offline_environment(tmp_path, monkeypatch, caplog) -> None:
+    import logging
+
+    import huggingface_hub
+
+    from zeroconv.cli import main
+
+    def no_network(*args, **kwargs):
+        raise AssertionError("a download was attempted while offline")
+
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", no_network)
+    monkeypatch.setattr(huggingface_hub, "try_to_load_from_cache", lambda *a, **k: None)
+    monkeypatch.setenv("ZEROCONV_OFFLINE", "1")
+    with caplog.at_level(logging.INFO):
+        assert main(["fetch-weights", "mlsd", "--dir", str(tmp_path)]) == 1
+    assert "downloads are off" in caplog.text and mlsd.WEIGHTS in caplog.text
+    (tmp_path / mlsd.WEIGHTS).write_bytes(b"not the weights")  # present but wrong: its sha256 is checked
+    caplog.clear()
+    with caplog.at_level(logging.INFO):
+        assert main(["fetch-weights", "mlsd", "--dir", str(tmp_path)]) == 1
+    assert "1 of 1 weight files are missing or failed verification" in caplog.text

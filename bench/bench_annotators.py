@@ -1,6 +1,7 @@
 """Images per second of annotators at 512x512, batch 1 and 16: Canny (OpenCV on the CPU; kornia on the CPU and, where
-there is one, the GPU) and learned annotators (HED soft edges, the ControlNet v1.1 network, and M-LSD large, with random weights:
-throughput does not depend on the weight values, so no download is needed; M-LSD's line drawing does a little).
+there is one, the GPU) and learned annotators (HED soft edges, the ControlNet v1.1 network, and M-LSD large, with random
+weights: throughput does not depend on the weight values, so no download is needed; M-LSD's line drawing does a
+little).
 
     python bench/bench_annotators.py [--quick]
 

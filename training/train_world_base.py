@@ -1,7 +1,9 @@
-"""Train the demo world's base (text encoder + U-Net) from scratch: epsilon-prediction DDPM loss (Ho et al. 2020)
-with 10 % empty captions for classifier-free guidance (Ho & Salimans 2022) and an EMA of the weights.
+"""Train the demo world's base (text encoder + U-Net) from scratch: the DDPM loss (Ho et al. 2020) on the
+schedule's target (v-prediction, Salimans & Ho 2022, for the world base) with 10 % empty captions for
+classifier-free guidance (Ho & Salimans 2022) and an EMA of the weights.
 
-    python -m zeroconv.training.train_world_base --out models/world_base.safetensors --seed 0
+    python -m zeroconv.training.train_world_base --out output/world_base.safetensors --seed 0
+    python -m zeroconv.training.train_world_base --init output/world_base.safetensors --out ... --seed 1  # go on
 """
 from __future__ import annotations
 
@@ -66,7 +68,7 @@ def ema_update(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> No
 
 
 def base_loss(base: WorldBase, pixels: torch.Tensor, captions: list[str], gen: torch.Generator) -> torch.Tensor:
-    """MSE between the U-Net's noise prediction and the noise, in fp32."""
+    """MSE between the U-Net's output and the schedule's target (noise or v), in fp32."""
     latents = base.encode_images(pixels)
     noise = torch.randn(latents.shape, generator=gen)
     t = torch.randint(0, base.schedule.num_timesteps, (latents.shape[0],), generator=gen)

@@ -3,11 +3,12 @@ patch autoencoder, stored together in one safetensors file (metadata zeroconv_ki
 
 The autoencoder is fitted, not trained: each 8x8 RGB patch (pixel_unshuffle(8), Shi et al. 2016: 192 values) is
 projected on the first 48 principal components of the world's patches, each divided by its standard deviation,
-so the latent is (48, H/8, W/8), the ControlNet's 8x hint-to-latent ratio holds, and decoding is the inverse. Measured on 200 held-out pictures:
-99.6 % of the patch variance kept, mean IoU 0.986 (min 0.948) between the decoded shape and the true one. 48, not
-192, channels: a 64-channel U-Net cannot carry 192 independent values per cell (an epsilon model on the raw
-unshuffled patches stalled at MSE 0.68 = about 1 - 64/192, and sampled noise). The schedule is DDPM's linear one
-(Ho et al. 2020): in pixel space the LDM schedule leaves the image's mean colour readable at t = 999.
+so the latent is (48, H/8, W/8), the ControlNet's 8x hint-to-latent ratio holds, and decoding is the inverse.
+Measured on 200 held-out pictures: 99.6 % of the patch variance kept, mean IoU 0.986 (min 0.948) between the
+decoded shape and the true one. 48, not 192, channels: a 64-channel U-Net cannot carry 192 independent values per
+cell (an epsilon model on the raw unshuffled patches stalled at MSE 0.68 = about 1 - 64/192, and sampled noise).
+The schedule is DDPM's linear one (Ho et al. 2020): in pixel space the LDM schedule leaves the image's mean colour
+readable at t = 999.
 """
 from __future__ import annotations
 

@@ -49,7 +49,7 @@ class ConvBNReLU6(nn.Sequential):
 
 
 class InvertedResidual(nn.Module):
-    """MobileNetV2 block: 1x1 expand (unless t = 1), 3x3 depthwise, 1x1 linear projection; residual when shapes match."""
+    """MobileNetV2 block: 1x1 expand (unless t = 1), 3x3 depthwise, 1x1 linear projection; residual if shapes match."""
 
     def __init__(self, in_channels: int, out_channels: int, stride: int, expansion: int) -> None:
         super().__init__()

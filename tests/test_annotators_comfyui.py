@@ -7,32 +7,15 @@ builds the net with random weights (the real file is not needed, and its sha256 
 """
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
 import textwrap
-from pathlib import Path
 
-import pytest
+from .comfyui_host import REQUIRES_COMFYUI, run_in_comfyui
 
-COMFYUI_PATH = os.environ.get("COMFYUI_PATH")
-REPO = Path(__file__).resolve().parents[1]
-
-pytestmark = [pytest.mark.comfyui,
-              pytest.mark.skipif(not COMFYUI_PATH, reason="set COMFYUI_PATH to a ComfyUI checkout to run in ComfyUI")]
+pytestmark = REQUIRES_COMFYUI
 
 SCRIPT = textwrap.dedent("""
-    import dataclasses, importlib.util, json, logging, sys
-    sys.path.insert(0, {comfy!r})
-    from comfy.cli_args import args
-    args.cpu = True
-    import torch
-    torch.set_num_threads(1)
+    import dataclasses, json, logging
     import comfy.model_management as mm
-
-    spec = importlib.util.spec_from_file_location("zeroconv_pack", {init!r}, submodule_search_locations=[{repo!r}])
-    pack = importlib.util.module_from_spec(spec); sys.modules["zeroconv_pack"] = pack; spec.loader.exec_module(pack)
     from zeroconv_pack.annotators import registry
     from zeroconv_pack.annotators.learned.base import randomize
     from zeroconv_pack.annotators.learned.mlsd import MLSDLarge
@@ -54,18 +37,14 @@ SCRIPT = textwrap.dedent("""
     managed = [m.model for m in mm.current_loaded_models if isinstance(m.model.model, MLSDLarge)]
     second = node.run(image, 96, value_threshold=0.1, distance_threshold=0.1)[0]
     freed = HOST_MODELS.free("mlsd")
-    print(json.dumps({{"loads": loads, "managed": len(managed), "shape": list(first.shape),
-                       "same": bool(torch.equal(first, second)), "values": sorted(set(first.unique().tolist())),
-                       "freed": freed, "logs": logs}}))
+    print(json.dumps({"loads": loads, "managed": len(managed), "shape": list(first.shape),
+                      "same": bool(torch.equal(first, second)), "values": sorted(set(first.unique().tolist())),
+                      "freed": freed, "logs": logs}))
 """)
 
 
-def test_learned_annotator_model_is_managed_by_comfyui_and_loaded_once(tmp_path) -> None:
-    script = SCRIPT.format(comfy=COMFYUI_PATH, init=str(REPO / "__init__.py"), repo=str(REPO))
-    python = os.environ.get("COMFYUI_PYTHON", sys.executable)
-    done = subprocess.run([python, "-c", script], cwd=COMFYUI_PATH, capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stderr[-3000:]
-    result = json.loads(done.stdout.strip().splitlines()[-1])
+def test_learned_annotator_model_is_managed_by_comfyui_and_loaded_once() -> None:
+    result = run_in_comfyui(SCRIPT)
     assert result["loads"] == ["cpu"], "loaded once (on ComfyUI's offload device), reused on the second run"
     assert result["managed"] == 1, "ComfyUI's model manager lists the annotator's ModelPatcher as loaded"
     assert result["shape"] == [2, 96, 128, 3] and result["same"]

@@ -14,36 +14,21 @@ ControlNet detection needs SD1.5's 320 channels and 768-wide context), so no wei
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 import textwrap
-from pathlib import Path
 
-import pytest
+from .comfyui_host import REQUIRES_COMFYUI, run_in_comfyui
 
-COMFYUI_PATH = os.environ.get("COMFYUI_PATH")
-REPO = Path(__file__).resolve().parents[1]
-
-pytestmark = [pytest.mark.comfyui,
-              pytest.mark.skipif(not COMFYUI_PATH, reason="set COMFYUI_PATH to a ComfyUI checkout to run in ComfyUI")]
+pytestmark = REQUIRES_COMFYUI
 
 SCRIPT = textwrap.dedent("""
-    import importlib.util, json, sys, tempfile
+    import json, tempfile
     from pathlib import Path
-    sys.path.insert(0, {comfy!r})
-    from comfy.cli_args import args
-    args.cpu = True
-    import torch
-    torch.set_num_threads(1)
     import comfy.model_management as mm, comfy.supported_models, folder_paths, nodes
     from comfy.model_patcher import ModelPatcher
     from comfy_execution.graph import DynamicPrompt
     from comfy_execution.progress import reset_progress_state
     from comfy_execution.utils import CurrentNodeContext
 
-    spec = importlib.util.spec_from_file_location("zeroconv_pack", {init!r}, submodule_search_locations=[{repo!r}])
-    pack = importlib.util.module_from_spec(spec); sys.modules["zeroconv_pack"] = pack; spec.loader.exec_module(pack)
     from zeroconv_pack.controlnet_model import ControlNet, ControlNetConfig
     from zeroconv_pack.controlnet_model.checkpoint import save_controlnet
     N = pack.NODE_CLASS_MAPPINGS
@@ -62,7 +47,7 @@ SCRIPT = textwrap.dedent("""
                            use_temporal_attention=False, legacy=False, num_head_channels=-1, **extra)
         conf = kind(unet_config)
         conf.set_inference_dtype(torch.float32, None)
-        base = conf.get_model({{}})
+        base = conf.get_model({})
         randomised(base.diffusion_model, 0.02, 0)
         return ModelPatcher(base, load_device=mm.get_torch_device(), offload_device=mm.unet_offload_device())
 
@@ -79,11 +64,11 @@ SCRIPT = textwrap.dedent("""
     our_cn = N["ZeroConvLoadControlNet"]().load("cn.safetensors")[0]
     our_cn2 = N["ZeroConvLoadControlNet"]().load("cn2.safetensors")[0]
     gen = torch.Generator().manual_seed(1)
-    pos = [[torch.randn(1, 77, 768, generator=gen), {{"pooled_output": torch.randn(1, 768, generator=gen)}}]]
-    neg = [[torch.randn(1, 77, 768, generator=gen), {{"pooled_output": torch.randn(1, 768, generator=gen)}}]]
+    pos = [[torch.randn(1, 77, 768, generator=gen), {"pooled_output": torch.randn(1, 768, generator=gen)}]]
+    neg = [[torch.randn(1, 77, 768, generator=gen), {"pooled_output": torch.randn(1, 768, generator=gen)}]]
     image = torch.rand(2, 72, 100, 3, generator=gen)  # two control images of another size and aspect
     image2 = torch.rand(1, 64, 64, 3, generator=gen)
-    latent = {{"samples": torch.zeros(2, 4, 8, 8)}}
+    latent = {"samples": torch.zeros(2, 4, 8, 8)}
     core_apply, our_apply = nodes.ControlNetApplyAdvanced().apply_controlnet, N["ZeroConvApplyControlNet"]().apply
 
     def unit(cn, img, strength, start, end, stack=()):
@@ -92,9 +77,9 @@ SCRIPT = textwrap.dedent("""
     composed = N["ZeroConvComposeControlNets"]().compose(
         unit(our_cn2, image2, 0.5, 0.2, 1.0, unit(our_cn, image, 0.8, 0.0, 0.6)))[0]
     mode = dict(control_mode="controlnet_more_important")
-    weights = {{k: v.clone() for k, v in our_cn.parts[0].controlnet.state_dict().items()}}
+    weights = {k: v.clone() for k, v in our_cn.parts[0].controlnet.state_dict().items()}
     unet_attrs = set(vars(model.model.diffusion_model))
-    conds = {{
+    conds = {
         "core": core_apply(pos, neg, core_cn, image, 0.8, 0.0, 0.6),
         "ours": our_apply(pos, neg, our_cn, image, 0.8, 0.0, 0.6),
         "ours_in_core_apply": core_apply(pos, neg, our_cn, image, 0.8, 0.0, 0.6),
@@ -104,11 +89,11 @@ SCRIPT = textwrap.dedent("""
         "chain_core": core_apply(*core_apply(pos, neg, core_cn, image, 0.8, 0.0, 0.6), core_cn2, image2, 0.5, 0.2, 1.0),
         "composed_in_core_apply": core_apply(pos, neg, composed, image2, 1.0, 0.0, 1.0),
         "none": (pos, neg),
-    }}
-    out = {{k: nodes.common_ksampler(model, 42, 6, 7.0, "euler", "normal", p, n, latent)[0]["samples"]
-           for k, (p, n) in conds.items()}}
+    }
+    out = {k: nodes.common_ksampler(model, 42, 6, 7.0, "euler", "normal", p, n, latent)[0]["samples"]
+           for k, (p, n) in conds.items()}
     patcher = our_cn.parts[0].shared.patcher
-    report = {{"ours": (out["ours"] - out["core"]).abs().max().item(),
+    report = {"ours": (out["ours"] - out["core"]).abs().max().item(),
               "ours_in_core_apply": (out["ours_in_core_apply"] - out["core"]).abs().max().item(),
               "core_in_our_apply": (out["core_in_our_apply"] - out["core"]).abs().max().item(),
               "mode_core_vs_ours": (out["mode_core_in_ours"] - out["mode_ours"]).abs().max().item(),
@@ -120,18 +105,18 @@ SCRIPT = textwrap.dedent("""
                                        our_cn.parts[0].controlnet.state_dict().items()),
               "unet_untouched": set(vars(model.model.diffusion_model)) == unet_attrs,
               "handed_to_model_manager": patcher is not None and any(m.model is patcher
-                                                                     for m in mm.current_loaded_models)}}
+                                                                     for m in mm.current_loaded_models)}
 
     sd2 = model_of(comfy.supported_models.SD20, dict(context_dim=1024, use_linear_in_transformer=True))
-    sd2.model_options = {{"transformer_options": {{}}}}
-    prompt = {{"4": {{"class_type": "CheckpointLoaderSimple", "inputs": {{"ckpt_name": "tiny_sd21.safetensors"}}}},
-              "3": {{"class_type": "KSampler", "inputs": {{"model": ["4", 0]}}}}}}
+    sd2.model_options = {"transformer_options": {}}
+    prompt = {"4": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": "tiny_sd21.safetensors"}},
+              "3": {"class_type": "KSampler", "inputs": {"model": ["4", 0]}}}
     reset_progress_state("p", DynamicPrompt(prompt))
-    pos2 = [[torch.randn(1, 77, 1024), {{}}]]
+    pos2 = [[torch.randn(1, 77, 1024), {}]]
     try:
         with CurrentNodeContext("p", "3"):
             p, n = our_apply(pos2, pos2, our_cn, image2, 1.0, 0.0, 1.0)
-            nodes.common_ksampler(sd2, 1, 2, 7.0, "euler", "normal", p, n, {{"samples": torch.zeros(1, 4, 8, 8)}})
+            nodes.common_ksampler(sd2, 1, 2, 7.0, "euler", "normal", p, n, {"samples": torch.zeros(1, 4, 8, 8)})
         report["family_error"] = ""
     except ValueError as exc:
         report["family_error"] = str(exc)
@@ -140,11 +125,7 @@ SCRIPT = textwrap.dedent("""
 
 
 def test_our_nodes_match_core_in_comfyui() -> None:
-    python = os.environ.get("COMFYUI_PYTHON", sys.executable)
-    script = SCRIPT.format(comfy=COMFYUI_PATH, init=str(REPO / "__init__.py"), repo=str(REPO))
-    done = subprocess.run([python, "-c", script], cwd=COMFYUI_PATH, capture_output=True, text=True, timeout=900)
-    assert done.returncode == 0, done.stderr[-3000:]
-    report = json.loads(done.stdout.strip().splitlines()[-1])
+    report = run_in_comfyui(SCRIPT, timeout=900)
     print(json.dumps(report, indent=1))
     tolerance = 1e-5 * report["scale"]
     assert report["control_effect"] > 1e-3 * report["scale"], "the control must change the result"

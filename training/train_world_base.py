@@ -82,15 +82,14 @@ def train(cfg: BaseTrainConfig) -> dict[str, float]:
     torch.set_num_threads(cfg.threads)
     images, captions = make_pool(cfg)
     if cfg.init:
-        base = load_world_base(cfg.init)  # fp32, locked: unlock it to train on
+        base = load_world_base(cfg.init)  # fp32, locked: unlock it to train on (the autoencoder holds buffers only)
         for module in base.modules().values():
             module.requires_grad_(True).train()
-        base.autoencoder.requires_grad_(False)
     else:
         base = build_world_base(image_size=cfg.image_size, seed=cfg.seed,
                                 fit_pixels=images[:FIT_POOL].float() / 127.5 - 1.0)
     ema = {name: copy.deepcopy(m).requires_grad_(False) for name, m in base.modules().items()}
-    params = [p for m in base.modules().values() for p in m.parameters() if p.requires_grad]
+    params = [p for m in base.modules().values() for p in m.parameters()]
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     gen = torch.Generator().manual_seed(cfg.seed)
     start, losses = time.time(), []

@@ -44,21 +44,23 @@ def suggest_annotator(control_type: str) -> str | None:
 
 
 class LocalModels:
-    """In-process model cache for the library path, keyed by (annotator, device); loads each model once."""
+    """In-process model cache for the library path, keyed by (loader, device): each model is loaded once, and
+    annotators that share a loader (depth and normal from MiDaS, HED soft edges and HED scribble) share the model."""
 
     def __init__(self) -> None:
-        self._models: dict[tuple[str, str], Any] = {}
+        self._models: dict[tuple[Callable[[str], Any], str], Any] = {}
 
     def __call__(self, spec: AnnotatorSpec, device: str) -> Any:
-        key = (spec.name, device)
+        key = (spec.loader, device)
         if key not in self._models:
             logger.info("loading the %s annotator model on %s", spec.name, device)
             self._models[key] = spec.loader(device)
         return self._models[key]
 
     def free(self, name: str | None = None) -> None:
-        """Drop cached models (all, or one annotator's)."""
-        for key in [k for k in self._models if name is None or k[0] == name]:
+        """Drop cached models (all, or the one annotator `name` uses, with any annotator sharing it)."""
+        loader = None if name is None else get(name).loader
+        for key in [k for k in self._models if name is None or k[0] is loader]:
             del self._models[key]
 
 

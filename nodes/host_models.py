@@ -1,5 +1,6 @@
-"""Annotator models kept for the nodes: loaded once per (annotator, device, dtype) and, inside ComfyUI, handed to its
-model manager (ModelPatcher + load_models_gpu) so they are offloaded and freed with everything else.
+"""Annotator models kept for the nodes: loaded once per (loader, device, dtype), so annotators that share a loader
+share the model, and, inside ComfyUI, handed to its model manager (ModelPatcher + load_models_gpu) so they are
+offloaded and freed with everything else.
 
 This is the only annotator code that touches ComfyUI (`comfy.model_management`, `comfy.model_patcher`,
 `folder_paths`), always lazily; outside ComfyUI it is a plain cache on the best torch device.
@@ -10,9 +11,10 @@ import importlib.util
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from ..annotators.common import AnnotatorSpec
+from ..annotators.registry import get
 from ..annotators.weights import host_weight_dirs
 
 logger = logging.getLogger(__name__)
@@ -47,7 +49,7 @@ class HostModels:
 
     def __init__(self, dtype: str = "float32") -> None:
         self.dtype = dtype  # annotator nets run in fp32: they are small, and several overflow in fp16
-        self._held: dict[tuple[str, str, str], _Held] = {}
+        self._held: dict[tuple[Callable[[str], Any], str, str], _Held] = {}
 
     def device(self) -> str:
         """ComfyUI's torch device when running inside it; else CUDA when present, else the CPU (logged)."""
@@ -63,7 +65,7 @@ class HostModels:
         return "cpu"
 
     def __call__(self, spec: AnnotatorSpec, device: str) -> Any:
-        key = (spec.name, device, self.dtype)
+        key = (spec.loader, device, self.dtype)
         held = self._held.get(key)
         if held is None:
             held = self._held[key] = self._load(spec, device)
@@ -95,8 +97,10 @@ class HostModels:
         return _Held(model, ModelPatcher(model, load_device=torch.device(device), offload_device=offload))
 
     def free(self, name: str | None = None) -> int:
-        """Forget held models (all, or one annotator's) so ComfyUI and torch can release them; returns how many."""
-        keys = [k for k in self._held if name is None or k[0] == name]
+        """Forget held models (all, or the one annotator `name` uses, with any annotator sharing it) so ComfyUI and
+        torch can release them; returns how many."""
+        loader = None if name is None else get(name).loader
+        keys = [k for k in self._held if name is None or k[0] is loader]
         for key in keys:
             del self._held[key]
         if keys and comfy_available():
@@ -107,5 +111,5 @@ class HostModels:
         return len(keys)
 
     def held(self) -> list[tuple[str, str, str]]:
-        """(annotator, device, dtype) of every model held now."""
-        return list(self._held)
+        """(loader name, device, dtype) of every model held now."""
+        return [(loader.__name__, device, dtype) for loader, device, dtype in self._held]

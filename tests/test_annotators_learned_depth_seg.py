@@ -301,3 +301,28 @@ def test_normal_from_midas_uses_the_raw_depth_and_points_outwards() -> None:
     flatter = annotate("normal_midas", image, detect_resolution=None, model_cache=lambda s, d: net,
                        background_threshold=0.05).astype(np.float32) / 127.5 - 1.0
     assert abs(flatter[c, c - d, 2]) < abs(n[c, c - d, 2])
+
+
+def test_annotators_sharing_a_loader_share_one_model(monkeypatch) -> None:
+    import dataclasses
+
+    from zeroconv.annotators import registry
+    from zeroconv.nodes.host_models import HostModels
+
+    loads = []
+
+    def loader(device: str) -> nn.Module:
+        loads.append(device)
+        return BrightIsNear(SimpleNamespace(image_size=32))
+
+    for name in ("depth_midas", "normal_midas"):  # the same MiDaS weights behind both
+        monkeypatch.setitem(registry.ANNOTATORS, name, dataclasses.replace(registry.get(name), loader=loader))
+    image = pictures(32, 32, count=1)[0]
+    for cache in (registry.LocalModels(), HostModels()):
+        loads.clear()
+        annotate("depth_midas", image, detect_resolution=None, device="cpu", model_cache=cache)
+        annotate("normal_midas", image, detect_resolution=None, device="cpu", model_cache=cache)
+        assert loads == ["cpu"], type(cache).__name__
+        cache.free("normal_midas")  # frees the shared model: the next use loads it again
+        annotate("depth_midas", image, detect_resolution=None, device="cpu", model_cache=cache)
+        assert loads == ["cpu", "cpu"], type(cache).__name__

@@ -128,12 +128,11 @@ class PatchAutoencoder(nn.Module):
     in the picture. Per component, an error is decoded in proportion to how much that component varies.
     """
 
-    def __init__(self, basis: torch.Tensor, mean: torch.Tensor, scale: torch.Tensor | None = None):
+    def __init__(self, basis: torch.Tensor, mean: torch.Tensor, scale: torch.Tensor):
         super().__init__()
         self.register_buffer("basis", basis.float().contiguous())  # (K, 3 * PATCH * PATCH), orthonormal rows
         self.register_buffer("mean", mean.float().contiguous())  # (3 * PATCH * PATCH,)
-        # (K,) std of each component's coefficient; ones = unwhitened (world bases before the scale was stored)
-        self.register_buffer("scale", (torch.ones(basis.shape[0]) if scale is None else scale).float().contiguous())
+        self.register_buffer("scale", scale.float().contiguous())  # (K,) std of each component's coefficient
 
     @classmethod
     def fit(cls, pixels: torch.Tensor, channels: int = LATENT_CHANNELS) -> "PatchAutoencoder":
@@ -283,7 +282,8 @@ def load_world_base(path: str | Path, device: str | torch.device = "cpu", dtype:
     if "autoencoder.basis" not in state:
         raise ValueError(f"{path} is a world base from before the patch autoencoder; rebuild it with "
                          "`python -m zeroconv.training.train_world_base`")
-    state.setdefault("autoencoder.scale", torch.ones(state["autoencoder.basis"].shape[0]))  # before whitening
+    # world bases from before whitening stored no scale: their coefficients are used as they are
+    state.setdefault("autoencoder.scale", torch.ones(state["autoencoder.basis"].shape[0]))
     autoencoder = PatchAutoencoder(state["autoencoder.basis"], state["autoencoder.mean"], state["autoencoder.scale"])
     for prefix, module in (("unet", unet), ("text_encoder", text_encoder), ("autoencoder", autoencoder)):
         part = {k[len(prefix) + 1:]: v for k, v in state.items() if k.startswith(prefix + ".")}

@@ -137,6 +137,8 @@ def _finish(spec: AnnotatorSpec, result: Any, fit: DetectFit, out_hw: tuple[int,
         raise ValueError(f"annotator {spec.name} must return an HWC uint8 map, got "
                          f"{getattr(control, 'dtype', type(control))} {getattr(control, 'shape', '')}")
     control = hwc3(fit.restore(hwc3(control), out_hw, spec.resample))
+    if spec.finish is not None:
+        control = hwc3(spec.finish(control))
     if people is not None:
         from .pose import map_people
 

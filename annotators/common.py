@@ -7,6 +7,9 @@ from typing import Any, Callable
 import numpy as np
 
 PAD_MULTIPLE = 64  # A1111/aux resize_image_with_pad: edge-pad the detect-resolution image to multiples of 64
+DETECT_RESOLUTION_MAX = 4096  # the largest detect_resolution (the nodes declare it as their widget's maximum)
+MAX_CANVAS_PIXELS = 2 * DETECT_RESOLUTION_MAX**2  # one picture at detect or output size: 4096 x 8192 at most
+WORK_BYTES_PER_PIXEL = 48  # what an annotator holds per canvas pixel at once, about: uint8 copies, float32 RGB maps
 PARAM_KINDS = ("int", "float", "bool", "combo", "string")
 RESAMPLE_MODES = ("linear", "nearest", "binary", "edges")
 # Links from a white pixel to the white neighbours after it (right, down, down-right, down-left) drawn when 1-px
@@ -112,6 +115,58 @@ def _grow_thin(mask: np.ndarray, height: int, width: int) -> np.ndarray:
         for t in np.linspace(0.0, 1.0, steps):
             put(y0 + t * dy, x0 + t * dx)
     return out
+
+
+def available_memory() -> int | None:
+    """Bytes of memory free now (Linux sysconf), None where the system does not say."""
+    import os
+
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (AttributeError, ValueError, OSError):
+        return None
+
+
+def check_image(image: np.ndarray, name: str = "image") -> None:
+    """An image or batch with no pixels (or no images) is refused here, before anything divides by its size."""
+    shape = getattr(image, "shape", None)
+    if shape is None or len(shape) < 2:
+        raise ValueError(f"{name} must be a picture (HxWxC or a batch NxHxWxC), got {type(image).__name__} "
+                         f"{shape}; connect an image")
+    if 0 in shape:
+        raise ValueError(f"{name} is empty (shape {tuple(shape)}): it has no pixels or no pictures; connect a "
+                         f"picture at least 1x1 (an upstream crop or batch node may have produced nothing)")
+
+
+def check_sizes(height: int, width: int, count: int, detect_resolution: int | None,
+                output_hw: tuple[int, int]) -> None:
+    """Refuse, before allocating, a detect_resolution or output size beyond DETECT_RESOLUTION_MAX, beyond
+    MAX_CANVAS_PIXELS per picture, or needing more memory than is free (a linked INT bypasses the widget's range)."""
+    if detect_resolution is not None and (isinstance(detect_resolution, bool)
+                                          or not isinstance(detect_resolution, (int, np.integer))):
+        raise ValueError(f"detect_resolution must be a whole number of pixels, got {detect_resolution!r}")
+    if detect_resolution and not 1 <= detect_resolution <= DETECT_RESOLUTION_MAX:
+        raise ValueError(f"detect_resolution must be 1..{DETECT_RESOLUTION_MAX} px (the node's maximum), got "
+                         f"{detect_resolution}; lower it")
+    canvases = [("output size", output_hw)]
+    if detect_resolution:
+        scaled_h, scaled_w = short_side_size(height, width, detect_resolution)
+        canvases.append((f"detect_resolution {detect_resolution}",
+                         (scaled_h + -scaled_h % PAD_MULTIPLE, scaled_w + -scaled_w % PAD_MULTIPLE)))
+    if min(output_hw) < 1:
+        raise ValueError(f"output size must be at least 1x1 px, got {output_hw[0]}x{output_hw[1]}")
+    free = available_memory()
+    for what, (h, w) in canvases:
+        pixels = h * w
+        if pixels > MAX_CANVAS_PIXELS:
+            raise ValueError(f"{what} on a {height}x{width} picture makes a {h}x{w} canvas ({pixels / 1e6:.0f} "
+                             f"Mpx), over the {MAX_CANVAS_PIXELS / 1e6:.0f} Mpx an annotator may use; lower "
+                             f"detect_resolution or crop the picture")
+        need = count * pixels * WORK_BYTES_PER_PIXEL
+        if free is not None and need > free:
+            raise ValueError(f"{what} on {count} picture(s) of {height}x{width} needs about {need / 2**30:.1f} GiB "
+                             f"of memory ({h}x{w} canvases), but {free / 2**30:.1f} GiB is free; lower "
+                             f"detect_resolution or annotate fewer pictures at once")
 
 
 @dataclass(frozen=True)

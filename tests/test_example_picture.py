@@ -14,7 +14,7 @@ WORKFLOWS = Path(__file__).resolve().parent.parent / "workflows"
 def test_every_annotator_workflow_finds_its_picture_in_the_pack() -> None:
     for path in sorted(WORKFLOWS.glob("annotator_*.json")):
         for node in json.loads(path.read_text())["nodes"]:
-            if node["type"] == "LoadImage" and path.stem not in ("annotator_inpaint_hint",):
+            if node["type"] == "LoadImage":
                 assert (WORKFLOWS / "inputs" / node["widgets_values"][0]).is_file(), path.name
 
 
@@ -26,3 +26,5 @@ def test_the_shipped_example_is_what_the_generator_draws() -> None:
     spec.loader.exec_module(module)
     shipped = cv2.cvtColor(cv2.imread(str(WORKFLOWS / "inputs" / "example.png")), cv2.COLOR_BGR2RGB)
     assert np.array_equal(shipped, module.scene())
+    hole = cv2.cvtColor(cv2.imread(str(WORKFLOWS / "inputs" / "inpaint.png"), cv2.IMREAD_UNCHANGED), cv2.COLOR_BGRA2RGBA)
+    assert np.array_equal(hole, module.with_hole(module.scene())) and (hole[..., 3] == 0).any()

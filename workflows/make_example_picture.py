@@ -5,7 +5,7 @@
 A 768x512 scene with what each annotator looks for: straight edges and a roof (Canny, M-LSD, lines), a sun and a
 tree (soft edges, scribbles), a figure with a head, arms and legs (pose), a near-to-far ground (depth), thin fence
 lines and a dark outline drawing (lineart, binary). Flat colours with a few gradients, so the PNG stays small and
-the same bytes come out every run.
+the same bytes come out every run. Also workflows/inputs/inpaint.png: the scene with the tree made transparent.
 """
 from __future__ import annotations
 
@@ -15,6 +15,7 @@ import cv2
 import numpy as np
 
 OUT = Path(__file__).resolve().parent / "inputs" / "example.png"
+INPAINT_OUT = OUT.with_name("inpaint.png")  # the same scene with a transparent hole (LoadImage's MASK): the tree
 HEIGHT, WIDTH = 512, 768
 
 
@@ -65,10 +66,20 @@ def _figure(img: np.ndarray, x: int, top: int) -> None:
         cv2.circle(img, (x + side * 8, top + 15), 3, dark, -1)
 
 
+def with_hole(image: np.ndarray) -> np.ndarray:
+    """RGBA: the picture, transparent over the tree (what annotator_inpaint_hint.json inpaints)."""
+    alpha = np.full(image.shape[:2], 255, np.uint8)
+    cv2.ellipse(alpha, (612, 270), (95, 125), 0, 0, 360, 0, -1)
+    return np.dstack([image, alpha])
+
+
 def main() -> int:
     OUT.parent.mkdir(parents=True, exist_ok=True)
-    cv2.imwrite(str(OUT), cv2.cvtColor(scene(), cv2.COLOR_RGB2BGR), [cv2.IMWRITE_PNG_COMPRESSION, 9])
-    print(f"wrote {OUT.relative_to(Path.cwd()) if OUT.is_relative_to(Path.cwd()) else OUT} ({OUT.stat().st_size} bytes)")
+    image = scene()
+    cv2.imwrite(str(OUT), cv2.cvtColor(image, cv2.COLOR_RGB2BGR), [cv2.IMWRITE_PNG_COMPRESSION, 9])
+    cv2.imwrite(str(INPAINT_OUT), cv2.cvtColor(with_hole(image), cv2.COLOR_RGBA2BGRA), [cv2.IMWRITE_PNG_COMPRESSION, 9])
+    for path in (OUT, INPAINT_OUT):
+        print(f"wrote {path} ({path.stat().st_size} bytes)")
     return 0
 
 

@@ -28,7 +28,7 @@ SPECS: tuple[AnnotatorSpec, ...] = (
         "canny", "ZeroConvCannyEdge", "Canny Edges (ZeroConv)", canny,
         (_int("low_threshold", 100, 1, 255, "weaker gradients than this are never edges"),
          _int("high_threshold", 200, 1, 255, "gradients above this always are edges")),
-        control_types=("canny",), resample="binary", batch_fn=canny_torch, batch_requires=("kornia",),
+        control_types=("canny",), resample="edges", batch_fn=canny_torch, batch_requires=("kornia",),
         description="OpenCV Canny on the CPU, kornia's on a GPU; white edges on black"),
     AnnotatorSpec(
         "scribble_synthesis", "ZeroConvScribbleSynthesis", "Scribble from Picture (ZeroConv)", synthesize_scribble,
@@ -54,7 +54,7 @@ SPECS: tuple[AnnotatorSpec, ...] = (
         (_int("threshold", 50, 1, 500, "Hough votes a line needs"),
          _int("min_length", 20, 1, 1000, "shortest segment kept, px at detect resolution"),
          _int("max_gap", 4, 0, 100, "gaps up to this many px are bridged")),
-        control_types=("mlsd",), resample="binary",
+        control_types=("mlsd",), resample="edges",
         description="straight segments (probabilistic Hough on Canny), the offline M-LSD map"),
     AnnotatorSpec(
         "normal_from_depth", "ZeroConvNormalFromDepth", "Normal from Depth (ZeroConv)", normal_from_depth,

@@ -152,7 +152,8 @@ def _draw_limb(canvas: np.ndarray, a: tuple[float, float], b: tuple[float, float
 
     (x1, y1), (x2, y2) = a, b
     length = math.hypot(x2 - x1, y2 - y1)
-    angle = math.degrees(math.atan2(y2 - y1, x2 - x1))
+    # the reference's sign convention (openpose util.draw_bodypose): the angle of a - b, truncated by int()
+    angle = math.degrees(math.atan2(y1 - y2, x1 - x2))
     centre = (int((x1 + x2) / 2), int((y1 + y2) / 2))
     polygon = cv2.ellipse2Poly(centre, (int(length / 2), LIMB_HALF_WIDTH), int(angle), 0, 360, 1)
     cv2.fillConvexPoly(canvas, polygon, color)

@@ -12,7 +12,8 @@ from typing import Any, Callable
 
 import numpy as np
 
-from .common import AnnotatorSpec, DetectFit, hwc3, resize, resize_to_detect, short_side_size
+from .common import (AnnotatorSpec, DetectFit, check_image, check_sizes, hwc3, resize, resize_to_detect,
+                     short_side_size)
 
 logger = logging.getLogger(__name__)
 
@@ -137,6 +138,8 @@ def _finish(spec: AnnotatorSpec, result: Any, fit: DetectFit, out_hw: tuple[int,
         raise ValueError(f"annotator {spec.name} must return an HWC uint8 map, got "
                          f"{getattr(control, 'dtype', type(control))} {getattr(control, 'shape', '')}")
     control = hwc3(fit.restore(hwc3(control), out_hw, spec.resample))
+    if spec.finish is not None:
+        control = hwc3(spec.finish(control))
     if people is not None:
         from .pose import map_people
 
@@ -151,8 +154,14 @@ def annotate_with_keypoints(name: str, image: np.ndarray, *, detect_resolution: 
     """`annotate`, also returning per image the people found (0..1 coordinates) for keypoint annotators, else None."""
     spec = get(name)
     params = _check_params(spec, params)
+    check_image(image)
+    if image.ndim not in (2, 3, 4):
+        raise ValueError(f"annotate takes an HWC image or an (N, H, W, C) batch, got shape {image.shape}")
+    height, width = image.shape[1:3] if image.ndim == 4 else image.shape[:2]
+    count = image.shape[0] if image.ndim == 4 else 1
+    out_hw = _output_hw(height, width, output_size)
+    check_sizes(height, width, count, None if spec.at_output_size else detect_resolution, out_hw)
     batch, single = _as_batch(image)
-    out_hw = _output_hw(batch.shape[1], batch.shape[2], output_size)
     if spec.at_output_size:
         batch = np.stack([resize(im, *out_hw) for im in batch])
         detect_resolution = None

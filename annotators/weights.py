@@ -118,6 +118,45 @@ def sha256_of(path: Path) -> str:
     return digest.hexdigest()
 
 
+def source(entry: WeightEntry) -> str:
+    """Where a manifest file comes from, as a user can open it: the file, its repository URL and revision."""
+    return f"{entry.file} of https://huggingface.co/{entry.repo_id} (revision {entry.revision})"
+
+
+def refetch(entry: WeightEntry) -> str:
+    """What to do about a damaged file."""
+    return f"delete it and re-fetch with `zeroconv fetch-weights {entry.name}`"
+
+
+def entry_for_path(path: Path | str, manifest: Mapping[str, WeightEntry] | None = None) -> WeightEntry | None:
+    """The manifest row a file on disk is, by where it sits: `<folder>/<name>`, or the hub cache's
+    `models--<owner>--<repo>/snapshots/<commit>/<file>`; None when it is no manifest file."""
+    path = Path(path)
+    manifest = load_manifest() if manifest is None else manifest
+    for entry in manifest.values():
+        if path.as_posix().endswith("/" + entry.name) or path.as_posix() == entry.name:
+            return entry
+        if path.name == entry.file and f"models--{entry.repo_id.replace('/', '--')}" in path.parts:
+            return entry
+    return manifest.get(path.name)
+
+
+@contextlib.contextmanager
+def reading(path: Path | str, what: str = "annotator weight file") -> Iterator[None]:
+    """Within the block a weight file is parsed; a failure (a truncated or corrupt .safetensors or .pth, which the
+    readers report as a bare header or zip error) becomes one ValueError naming the file, its source and what to
+    do. KeyError (a readable file of another layout, already named) and missing modules pass through."""
+    try:
+        yield
+    except (KeyError, ImportError):
+        raise
+    except Exception as exc:
+        entry = entry_for_path(path)
+        where = f"; it comes from {source(entry)}: {refetch(entry)}" if entry else ": delete it and fetch it again"
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ValueError(f"{what} {path} cannot be read ({reason}): it is truncated or corrupt{where}") from exc
+
+
 def verify(path: Path, entry: WeightEntry) -> Path:
     """Check size and sha256 against the manifest; a mismatch raises, a missing hash is logged as such."""
     stat = path.stat()
@@ -126,15 +165,14 @@ def verify(path: Path, entry: WeightEntry) -> Path:
         return path
     if entry.size is not None and stat.st_size != entry.size:
         raise ValueError(f"{path} has {stat.st_size} bytes but the manifest records {entry.size} for {entry.name} "
-                         f"({entry.repo_id}); delete it and download it again (zeroconv fetch-weights {entry.name})")
+                         f"({source(entry)}): it is partial or another file; {refetch(entry)}")
     if entry.sha256 is None:
         logger.warning("%s: no recorded hash in the manifest, so its content is not verified", entry.name)
     else:
         actual = sha256_of(path)
         if actual != entry.sha256.lower():
             raise ValueError(f"{path} has sha256 {actual} but the manifest records {entry.sha256} for {entry.name} "
-                             f"({entry.repo_id}); the file is corrupt or a different version: delete it and "
-                             f"download it again (zeroconv fetch-weights {entry.name})")
+                             f"({source(entry)}); the file is corrupt or a different version: {refetch(entry)}")
     _VERIFIED.add(key)
     return path
 
@@ -175,6 +213,12 @@ def _download(entry: WeightEntry, directory: Path | str | None, progress: bool) 
     try:
         path = hf_hub_download(entry.repo_id, entry.file, revision=entry.revision,
                                local_dir=str(target) if target else None)
+    except Exception as exc:  # the hub client's own message only says to check the connection
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise FileNotFoundError(
+            f"annotator weight {entry.name} could not be downloaded: {source(entry)} failed ({type(exc).__name__}: "
+            f"{reason}). Download it by hand from that page and {_where_to_put(entry, directory)}; or retry "
+            f"when the hub is reachable with `zeroconv fetch-weights {entry.name}`") from exc
     finally:
         if not progress and not was_disabled:
             enable_progress_bars()

@@ -11,14 +11,14 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..annotators.common import AnnotatorSpec, ParamSpec
+from ..annotators.common import DETECT_RESOLUTION_MAX, AnnotatorSpec, ParamSpec
 from ..annotators.registry import ANNOTATORS, annotate_with_keypoints
 from .common import CATEGORY
 from .host_models import HostModels
 
 ANNOTATOR_CATEGORY = f"{CATEGORY}/annotators"
 SEED_MAX = 0xFFFFFFFFFFFFFFFF
-DETECT_RESOLUTION = ("INT", {"default": 512, "min": 64, "max": 4096, "step": 64,
+DETECT_RESOLUTION = ("INT", {"default": 512, "min": 64, "max": DETECT_RESOLUTION_MAX, "step": 64,
                              "tooltip": "the picture's short side is scaled to this for the annotator; the map "
                                         "comes back at the picture's size"})
 HOST_MODELS = HostModels()  # the nodes' one cache of annotator models, loaded on first use

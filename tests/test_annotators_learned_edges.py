@@ -79,19 +79,38 @@ def test_hed_annotators_run_through_the_registry_at_native_size() -> None:
     assert set(np.unique(scribble)) <= {0, 255}
 
 
-def test_scribble_from_hed_is_thin_white_strokes() -> None:
+def _bar_hed() -> hed.ControlNetHED:
     net = _constant_hed([-5.0] * 5)  # dark background, as a trained HED gives
     with torch.no_grad():
         net.block1.convs[0].weight[0, 0, 1, 1] = 1.0
         net.block1.convs[1].weight[0, 0, 1, 1] = 1.0
         net.block1.projection.weight[0, 0] = 0.2
+    return net
+
+
+def test_scribble_from_hed_is_thin_white_strokes() -> None:
+    net = _bar_hed()
     image = np.zeros((1, 128, 128, 3), np.uint8)
     image[0, :, 58:68, 0] = 255  # a bright vertical bar -> a soft ridge
-    out = hed.scribble_hed_batch(image, device="cpu", model=net)[0, ..., 0]
+    out = hed.scribble_strokes(hed.hed_batch(image, device="cpu", model=net)[0])[..., 0]
     assert set(np.unique(out)) == {0, 255}
     columns = np.nonzero(out[64])[0]
     assert abs(columns.mean() - 62.5) <= 1 and len(columns) < 26, "one stroke (ridge widened by sigma 3) on the bar"
     assert not out[:, :40].any() and not out[:, 90:].any()
+
+
+def test_scribble_stroke_width_does_not_depend_on_the_detect_resolution() -> None:
+    net = _bar_hed()
+    image = np.zeros((128, 192, 3), np.uint8)
+    image[:, 88:98, 0] = 255
+    widths = {}
+    for detect in (64, 128, 256):
+        out = annotate("scribble_hed", image, detect_resolution=detect, model_cache=lambda s, d: net)[..., 0]
+        assert out.shape == (128, 192) and set(np.unique(out)) == {0, 255}
+        columns = np.nonzero(out[64])[0]
+        assert abs(columns.mean() - 92.5) <= 1.5, detect
+        widths[detect] = len(columns)
+    assert max(widths.values()) - min(widths.values()) <= 2, widths  # thinned/thickened at output size
 
 
 @pytest.mark.slow

@@ -82,6 +82,26 @@ def test_anime_lineart_resizes_to_multiples_of_256_and_back() -> None:
     assert np.all(np.abs(out.astype(float) - expected) <= 1)
 
 
+def test_anime_lineart_input_stays_in_the_uint8_range() -> None:
+    seen = []
+
+    class Probe(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.zeros(()))
+
+        def forward(self, x):
+            seen.append(x)
+            return x[:, :1] * 0
+
+    board = np.kron(np.indices((10, 15)).sum(0) % 2, np.ones((20, 20)))[..., None].repeat(3, 2)
+    lineart.lineart_anime_batch((board * 255).astype(np.uint8)[None], device="cpu", model=Probe())
+    x = seen[0]
+    assert x.shape[-2:] == (256, 512) and x.min() == -1.0 and x.max() == 1.0, "cubic overshoot clipped like uint8"
+    levels = (x + 1) * 127.5
+    assert torch.allclose(levels, levels.round(), atol=1e-3), "rounded to whole levels, as a uint8 resize is"
+
+
 def test_anime_lineart_at_native_size_with_random_weights() -> None:
     net = randomize(lineart.AnimeSketchUnet(), seed=1, std=0.02).eval()
     image = (np.random.default_rng(1).random((256, 256, 3)) * 255).astype(np.uint8)

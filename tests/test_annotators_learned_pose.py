@@ -222,3 +222,100 @@ def test_full_openpose_nets_at_native_sizes_with_random_weights() -> None:
     assert drawing.shape == (512, 512, 3) and isinstance(people, list)
     assert len(op.hand_peaks(nets.hand, image[0, :200, :200])) == 21
     assert len(op.face_peaks(nets.face, [image[0, :150, :150]])[0]) == 70
+
+
+# --- the layer structure, against the published definitions ---------------------------------------------------------
+# Written out from annotator/openpose/model.py (bodypose_model, handpose_model) and face.py (FaceNet) of
+# lllyasviel/ControlNet-v1-1-nightly: (name, in, out, kernel, followed by a ReLU). Random weights cannot show a
+# missing ReLU (the outputs are merely different), so the plan the nets run is held against this table.
+def _table(text: str) -> list[tuple[str, int, int, int, bool]]:
+    rows = []
+    for item in text.split(","):
+        name, cin, cout, k, relu = item.split()
+        rows.append((name, int(cin), int(cout), int(k), relu == "R"))
+    return rows
+
+
+VGG = ("conv1_1 3 64 3 R, conv1_2 64 64 3 R, pool 0 0 2 -, conv2_1 64 128 3 R, conv2_2 128 128 3 R, pool 0 0 2 -, "
+       "conv3_1 128 256 3 R, conv3_2 256 256 3 R, conv3_3 256 256 3 R, conv3_4 256 256 3 R, pool 0 0 2 -, "
+       "conv4_1 256 512 3 R, conv4_2 512 512 3 R, ")
+PUBLISHED_BODY_FRONT = _table(VGG + "conv4_3_CPM 512 256 3 R, conv4_4_CPM 256 128 3 R")
+PUBLISHED_CPM_FRONT = _table(VGG + "conv4_3 512 512 3 R, conv4_4 512 512 3 R, conv5_1 512 512 3 R, "
+                                   "conv5_2 512 512 3 R, conv5_3_CPM 512 128 3 R")
+
+
+def _published_refinement(suffix: str, cin: int, cout: int, last_relu: bool) -> list[tuple[str, int, int, int, bool]]:
+    return _table(f"Mconv1{suffix} {cin} 128 7 R, Mconv2{suffix} 128 128 7 R, Mconv3{suffix} 128 128 7 R, "
+                  f"Mconv4{suffix} 128 128 7 R, Mconv5{suffix} 128 128 7 R, Mconv6{suffix} 128 128 1 R, "
+                  f"Mconv7{suffix} 128 {cout} 1 {'R' if last_relu else '-'}")
+
+
+def _plan(net, chain) -> list[tuple[str, int, int, int, bool]]:
+    rows = []
+    for name, k, relu in net.plan(chain):
+        conv = None if name == "pool" else getattr(net, name)
+        assert conv is None or conv.kernel_size == (k, k)
+        rows.append((name, conv.in_channels if conv else 0, conv.out_channels if conv else 0, k, relu))
+    return rows
+
+
+def test_body_layers_match_the_published_definition() -> None:
+    with torch.device("meta"):
+        net = BodyPoseNet()
+    assert _plan(net, net.front) == PUBLISHED_BODY_FRONT
+    for stage, (pafs, heatmaps) in zip(range(1, 7), net.branches):
+        for branch, chain, out in ((1, pafs, 38), (2, heatmaps, 19)):
+            if stage == 1:
+                want = _table(f"conv5_1_CPM_L{branch} 128 128 3 R, conv5_2_CPM_L{branch} 128 128 3 R, "
+                              f"conv5_3_CPM_L{branch} 128 128 3 R, conv5_4_CPM_L{branch} 128 512 1 R, "
+                              f"conv5_5_CPM_L{branch} 512 {out} 1 -")
+            else:  # Mconv7_stage6_L2 is not in the reference's no-ReLU list (it names Mconv7_stage6_L1 twice)
+                want = _published_refinement(f"_stage{stage}_L{branch}", 185, out, (stage, branch) == (6, 2))
+            assert _plan(net, chain) == want, (stage, branch)
+
+
+@pytest.mark.parametrize("factory,out", [(hand_net, 22), (face_net, 71)])
+def test_hand_and_face_layers_match_the_published_definition(factory, out: int) -> None:
+    with torch.device("meta"):
+        net = factory()
+    assert _plan(net, net.front) == PUBLISHED_CPM_FRONT
+    assert _plan(net, net.stages[0]) == _table(f"conv6_1_CPM 128 512 1 R, conv6_2_CPM 512 {out} 1 -")
+    for stage, chain in zip(range(2, 7), net.stages[1:]):
+        assert _plan(net, chain) == _published_refinement(f"_stage{stage}", out + 128, out, False)
+
+
+def test_the_shared_features_are_rectified() -> None:
+    torch.manual_seed(0)
+    net = hand_net()
+    with torch.no_grad():
+        features = net.run(net.front, torch.rand(1, 3, 32, 32) - 0.5)
+    assert features.shape == (1, 128, 4, 4) and features.min() >= 0 and (features == 0).any()
+
+
+# --- drawing and map resampling as the reference does them ------------------------------------------------------------
+
+def test_limb_angle_follows_the_reference_sign_and_truncation() -> None:
+    import cv2
+
+    from zeroconv.annotators.pose import LIMB_HALF_WIDTH, _draw_limb
+
+    a, b = (10.0, 10.0), (50.0, 33.0)  # 29.9 degrees: truncation of -150.1 gives -150 (= 30), of 29.9 gives 29
+    ours = np.zeros((64, 64, 3), np.uint8)
+    _draw_limb(ours, a, b, (255, 255, 255))
+    angle = int(np.degrees(np.arctan2(a[1] - b[1], a[0] - b[0])))  # degrees(atan2) of (a - b), rows/cols as drawn
+    length = int(np.hypot(b[0] - a[0], b[1] - a[1]) / 2)
+    want = np.zeros_like(ours)
+    cv2.fillConvexPoly(want, cv2.ellipse2Poly((30, 21), (length, LIMB_HALF_WIDTH), angle, 0, 360, 1), (255, 255, 255))
+    assert angle == -150 and np.array_equal(ours, want)
+
+
+def test_maps_grow_with_lanczos_and_shrink_by_area() -> None:
+    import cv2
+
+    maps = np.random.default_rng(0).random((12, 10, 5)).astype(np.float32)
+    grown = op.smart_resize(maps, 96, 80)
+    want = cv2.resize(maps[..., 3], (80, 96), interpolation=cv2.INTER_LANCZOS4)
+    assert np.array_equal(grown[..., 3], want)
+    assert not np.allclose(want, cv2.resize(maps[..., 3], (80, 96), interpolation=cv2.INTER_CUBIC))
+    shrunk = op.smart_resize(grown, 24, 20)
+    assert np.array_equal(shrunk[..., 0], cv2.resize(grown[..., 0], (20, 24), interpolation=cv2.INTER_AREA))

@@ -16,6 +16,7 @@ from zeroconv.workflow_runner import default_registry
 from zeroconv.workflow_runner.graph import declared_inputs, frontend_extras, is_widget, spec_options
 
 HERE = Path(__file__).resolve().parent
+PACKAGE_MODELS = HERE.parent / "models"  # the demo world's shipped files
 SD15 = "v1-5-pruned-emaonly.safetensors"
 SDXL = "sd_xl_base_1.0.safetensors"
 NEGATIVE = "lowres, bad anatomy, worst quality, low quality"
@@ -115,10 +116,11 @@ WORKFLOWS: dict[str, dict[str, Any]] = {
 }
 
 WORKFLOWS["demo_world"] = dict(
-    note="The offline demo world (as `zeroconv demo`): the world base and its ControlNet, both shipped in the pack's "
-         "models/ folder, fill the outline with the caption's colours. `zeroconv run workflows/demo_world.json` reads "
-         "workflows/inputs/world_outline.png; in ComfyUI put that image in input/. Captions name a colour, a shape "
-         "(circle, square, triangle) and a background colour.",
+    note="The offline demo world (as `zeroconv demo`): the world base and its ControlNet fill the outline with the "
+         "caption's colours. Both models are shipped in the pack's models/ folder and the loaders find them there, "
+         "so nothing is copied into models/. The outline goes into ComfyUI's input/ folder: copy "
+         "workflows/inputs/world_outline.png there (`zeroconv run workflows/demo_world.json` reads it where it is). "
+         "Captions name a colour, a shape (circle, square, triangle) and a background colour.",
     graph={**_sd15_graph([{"file": "world_controlnet.safetensors", "image": "world_outline.png"}],
                          "red circle with blue background", size=64, negative="",
                          sampler={"seed": 2024, "steps": 20, "cfg": 3.0, "sampler_name": "ddim",
@@ -132,7 +134,8 @@ for _spec in ANNOTATORS.values():
                          "links": {"images": ("annotate", 0)}}}
     WORKFLOWS[f"annotator_{_spec.name}"] = dict(
         note=f"{_spec.display_name}: turns input/example.png into the control map for {', '.join(_spec.control_types)} "
-             f"ControlNets and saves it. {_weights}",
+             f"ControlNets and saves it. {_weights} The example picture is ours, drawn by "
+             f"workflows/make_example_picture.py.",
         graph={"img": {"type": "LoadImage", "widgets": {"image": "example.png"}},
                "annotate": {"type": _spec.node_id, "links": {"image": ("img", 0)}}, **_outputs})
 WORKFLOWS["annotator_pose_from_json"] = dict(
@@ -152,13 +155,23 @@ FILE_WIDGETS = {"ckpt_name": "models/checkpoints", "control_net_name": "models/c
 
 
 def _expected_files(graph: dict[str, dict]) -> list[str]:
-    """Every file the graph's loader widgets name, with its folder, in graph order."""
+    """Every file the graph's loader widgets name, with its folder, in graph order; for a file the pack ships, where
+    it is and whether ComfyUI needs a copy (LoadImage only lists ComfyUI's input/; our ControlNet loader also looks
+    in the pack's models/)."""
     found = []
     for node in graph.values():
         for name, folder in FILE_WIDGETS.items():
             value = node.get("widgets", {}).get(name)
-            if value and f"{folder}/{value}" not in found:
-                found.append(f"{folder}/{value}")
+            if not value:
+                continue
+            entry = f"{folder}/{value}"
+            if folder == "input" and (HERE / "inputs" / value).is_file():
+                entry += (f" (shipped as workflows/inputs/{value}: copy it into ComfyUI's input/ folder; "
+                          f"`zeroconv run` reads it where it is)")
+            elif name == "control_net_name" and (PACKAGE_MODELS / value).is_file():
+                entry = f"{value} (shipped in the pack's models/ folder and found there: no copying)"
+            if entry not in found:
+                found.append(entry)
     return found
 
 

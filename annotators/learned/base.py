@@ -9,7 +9,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..weights import resolve_weight
+from ..weights import reading, resolve_weight
 
 logger = logging.getLogger(__name__)
 
@@ -78,7 +78,9 @@ def load_file(factory: Callable[[], nn.Module], path: Path | str, device: str | 
     path = Path(path)
     with torch.device("meta"):  # no random init of weights about to be replaced
         net = factory()
-    net = load_strict(net, read_state_dict(path), path.name, assign=True)
+    with reading(path):
+        state_dict = read_state_dict(path)
+    net = load_strict(net, state_dict, path.name, assign=True)
     logger.info("loaded %s into %s", path, type(net).__name__)
     return net.float().eval().requires_grad_(False).to(device)
 

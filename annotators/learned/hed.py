@@ -77,13 +77,11 @@ def hed_batch(images: np.ndarray, *, device: str | torch.device, model: ControlN
     return to_uint8_maps(safe_step(edges) if safe else edges)
 
 
-@torch.no_grad()
-def scribble_hed_batch(images: np.ndarray, *, device: str | torch.device, model: ControlNetHED,
-                       safe: bool = False) -> np.ndarray:
-    """HED edges thinned to scribbles: NMS (127, sigma 3), then sigma-3 strokes thresholded at 4 (v1.1)."""
-    soft = hed_batch(images, device=device, model=model, safe=safe)[..., 0]
-    return np.stack([np.repeat(strokes(nms(s, SCRIBBLE_NMS_THRESHOLD, SCRIBBLE_NMS_SIGMA))[..., None], 3, axis=2)
-                     for s in soft])
+def scribble_strokes(soft: np.ndarray) -> np.ndarray:
+    """HED soft edges (HWC uint8) at output size to scribble strokes: NMS (127, sigma 3), then sigma-3 strokes
+    thresholded at 4 (v1.1 fake scribble; the reference resizes the soft map first and does this at output size,
+    so the strokes are as wide whatever the detect resolution)."""
+    return np.repeat(strokes(nms(soft[..., 0], SCRIBBLE_NMS_THRESHOLD, SCRIBBLE_NMS_SIGMA))[..., None], 3, axis=2)
 
 
 def load_hed(device: str | torch.device = "cpu") -> ControlNetHED:
@@ -96,8 +94,8 @@ SPECS: tuple[AnnotatorSpec, ...] = (
     AnnotatorSpec("hed", "ZeroConvHEDSoftEdge", "Soft Edges, HED (ZeroConv)", single(hed_batch), (_SAFE,),
                   weights=(WEIGHTS,), control_types=("softedge", "hed"), category="learned", loader=load_hed,
                   batch_fn=hed_batch, description="ControlNet v1.1's re-trained HED: soft white edges on black"),
-    AnnotatorSpec("scribble_hed", "ZeroConvScribbleHED", "Scribble from HED (ZeroConv)", single(scribble_hed_batch),
+    AnnotatorSpec("scribble_hed", "ZeroConvScribbleHED", "Scribble from HED (ZeroConv)", single(hed_batch),
                   (_SAFE,), weights=(WEIGHTS,), control_types=("scribble",), category="learned", loader=load_hed,
-                  batch_fn=scribble_hed_batch, resample="nearest",
+                  batch_fn=hed_batch, finish=scribble_strokes,
                   description="HED edges thinned by NMS and thickened to strokes (v1.1 fake scribble)"),
 )

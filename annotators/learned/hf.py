@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..weights import resolve_weight
+from ..weights import reading, resolve_weight
 
 logger = logging.getLogger(__name__)
 
@@ -84,15 +84,17 @@ def load_files(model_class: str, config_path: Path | str, weights_path: Path | s
     if weights_path.name != WEIGHTS_FILE:
         raise ValueError(f"{weights_path} must be named {WEIGHTS_FILE} (transformers reads it by that name from its "
                          f"folder); rename it")
-    model_type = json.loads(config_path.read_text(encoding="utf-8")).get("model_type")
+    with reading(config_path, "annotator model config"):
+        model_type = json.loads(config_path.read_text(encoding="utf-8")).get("model_type")
     if model_type != cls.config_class.model_type:
         raise ValueError(f"{config_path} describes a {model_type!r} model, not {model_class} "
                          f"({cls.config_class.model_type!r}); it belongs to another repository: put the right "
                          f"config.json next to the weights")
     config = cls.config_class.from_json_file(str(config_path))
     # no dtype argument (its name changed across transformers versions): the files are fp32, and .float() below
-    net, info = cls.from_pretrained(str(weights_path.parent), config=config, output_loading_info=True,
-                                    local_files_only=True, use_safetensors=True)
+    with reading(weights_path):
+        net, info = cls.from_pretrained(str(weights_path.parent), config=config, output_loading_info=True,
+                                        local_files_only=True, use_safetensors=True)
     problems = {kind: sorted(map(str, keys)) for kind, keys in info.items() if keys}
     if problems:
         summary = "; ".join(f"{kind} {keys[:8]} ({len(keys)})" for kind, keys in problems.items())

@@ -108,11 +108,15 @@ def lineart_batch(images: np.ndarray, *, device: str | torch.device, model: Sket
 
 @torch.no_grad()
 def lineart_anime_batch(images: np.ndarray, *, device: str | torch.device, model: AnimeSketchUnet) -> np.ndarray:
-    """(N, H, W, 3) uint8 RGB -> white lines on black: resized up to multiples of 256 (cubic) and back."""
+    """(N, H, W, 3) uint8 RGB -> white lines on black: resized up to multiples of 256 (cubic) and back.
+
+    The resized picture is clipped and rounded to 0..255, as the reference's cv2.resize of the uint8 picture is
+    (aux lineart_anime): cubic overshoots at sharp edges (about -30..283) that the net never saw."""
     x = to_tensor(images, device_of(model))
     height, width = x.shape[-2:]
     size = (-(-height // ANIME_MULTIPLE) * ANIME_MULTIPLE, -(-width // ANIME_MULTIPLE) * ANIME_MULTIPLE)
-    x = F.interpolate(x, size=size, mode="bicubic", align_corners=False) if size != (height, width) else x
+    if size != (height, width):
+        x = F.interpolate(x, size=size, mode="bicubic", align_corners=False).clamp_(0.0, 255.0).round_()
     paper = model(x / 127.5 - 1.0) * 0.5 + 0.5
     if size != (height, width):
         paper = F.interpolate(paper, size=(height, width), mode="bicubic", align_corners=False)

@@ -219,6 +219,6 @@ SPECS: tuple[AnnotatorSpec, ...] = (
                    ParamSpec("distance_threshold", "float", 0.1, 0.0, 20.0, 0.01,
                              tooltip="shortest segment kept, in pixels of the half-resolution map")),
                   weights=(WEIGHTS,), control_types=("mlsd",), category="learned", loader=load_mlsd,
-                  batch_fn=mlsd_batch, resample="binary",
+                  batch_fn=mlsd_batch, resample="edges",
                   description="M-LSD large: straight segments as 1-px white lines on black (ControlNet mlsd)"),
 )

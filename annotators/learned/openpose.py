@@ -55,16 +55,33 @@ def pad_to_stride(images: np.ndarray) -> np.ndarray:
     return np.pad(images, ((0, 0), (0, -h % STRIDE), (0, -w % STRIDE), (0, 0)), constant_values=PAD_VALUE)
 
 
+def smart_resize(maps: np.ndarray, height: int, width: int) -> np.ndarray:
+    """(H, W, C) float maps resized channel by channel: area when the sides' sum shrinks, else Lanczos (openpose
+    util.smart_resize of ControlNet v1.1, which the heatmaps and PAFs go through)."""
+    import cv2
+
+    if maps.shape[:2] == (height, width):
+        return maps
+    shrink = height + width < maps.shape[0] + maps.shape[1]
+    method = cv2.INTER_AREA if shrink else cv2.INTER_LANCZOS4
+    return np.stack([cv2.resize(np.ascontiguousarray(maps[..., c]), (width, height), interpolation=method)
+                     for c in range(maps.shape[2])], axis=2)
+
+
 def stride_maps(net: torch.nn.Module, bgr: np.ndarray, scale_hw: tuple[int, int],
-                out_hw: tuple[int, int]) -> list[torch.Tensor]:
-    """Run a pose machine at `scale_hw`; its stride-8 outputs resized back to `out_hw` (N, C, *out_hw) each."""
+                out_hw: tuple[int, int]) -> list[np.ndarray]:
+    """Run a pose machine at `scale_hw`; its stride-8 outputs grown by 8, the padding cropped, and resized to
+    `out_hw` with smart_resize: (N, *out_hw, C) float32 each."""
     scaled = resize_images(bgr, *scale_hw)
-    outputs = net(network_input(pad_to_stride(scaled), device_of(net)))
+    padded = pad_to_stride(scaled)
+    outputs = net(network_input(padded, device_of(net)))
     maps = []
     for out in outputs if isinstance(outputs, tuple) else (outputs,):
-        up = F.interpolate(out, scale_factor=STRIDE, mode="bicubic", align_corners=False)
-        up = up[:, :, :scale_hw[0], :scale_hw[1]]
-        maps.append(F.interpolate(up, size=out_hw, mode="bicubic", align_corners=False))
+        per_image = []
+        for m in out.float().permute(0, 2, 3, 1).cpu().numpy():
+            up = smart_resize(m, m.shape[0] * STRIDE, m.shape[1] * STRIDE)[:scale_hw[0], :scale_hw[1]]
+            per_image.append(smart_resize(up, *out_hw))
+        maps.append(np.stack(per_image))
     return maps
 
 
@@ -78,7 +95,7 @@ def body_maps(net: BodyPoseNet, bgr: np.ndarray) -> tuple[np.ndarray, np.ndarray
         scaled = (max(1, round(height * factor)), max(1, round(width * factor)))
         paf, heat = stride_maps(net, bgr, scaled, (height, width))
         heat_sum, paf_sum = heat_sum + heat / len(BODY_SCALES), paf_sum + paf / len(BODY_SCALES)
-    return heat_sum.permute(0, 2, 3, 1).cpu().numpy(), paf_sum.permute(0, 2, 3, 1).cpu().numpy()
+    return heat_sum, paf_sum
 
 
 def body_keypoints(candidates: np.ndarray, row: np.ndarray, height: int, width: int) -> list[Keypoint | None]:
@@ -134,7 +151,7 @@ def hand_peaks(net: KeypointNet, crop_bgr: np.ndarray,
     blurred = cv2.GaussianBlur(crop_bgr, (0, 0), HAND_BLUR_SIGMA)[None]
     side = (HAND_MAP_SIZE, HAND_MAP_SIZE)
     heat = sum(stride_maps(net, blurred, (round(s * BOX_SIZE),) * 2, side)[0] for s in scales) / len(scales)
-    heat = heat[0].cpu().numpy()
+    heat = heat[0].transpose(2, 0, 1)
     height, width = crop_bgr.shape[:2]
     points: list[tuple[int, int] | None] = []
     for part in range(HAND_KEYPOINTS):

@@ -29,9 +29,20 @@ BODY_FRONT = VGG19_FRONT + (("conv4_3_CPM", 512, 256, 3), ("conv4_4_CPM", 256, 1
 CPM_FRONT = VGG19_FRONT + (("conv4_3", 512, 512, 3), ("conv4_4", 512, 512, 3), ("conv5_1", 512, 512, 3),
                            ("conv5_2", 512, 512, 3), ("conv5_3_CPM", 512, 128, 3))
 FEATURES = 128  # channels of the front's output, concatenated to every stage's input
-# The reference lists Mconv7_stage6_L1 twice among its no-ReLU layers and never Mconv7_stage6_L2, so the body's final
-# heatmaps go through a ReLU; kept, as the released inference (and its thresholds) ran that way.
-RELU_OUTPUTS = frozenset({"Mconv7_stage6_L2"})
+
+
+def _no_relu() -> frozenset[str]:
+    """The convs not followed by a ReLU: each stage's output conv, as in the published definitions (model.py and
+    face.py of annotator/openpose in lllyasviel/ControlNet-v1-1-nightly). Every other conv, the fronts' last ones
+    (conv4_4_CPM, conv5_3_CPM) included, is followed by one. The reference lists Mconv7_stage6_L1 twice and never
+    Mconv7_stage6_L2, so the body's final heatmaps go through a ReLU; kept, as the released inference (and its
+    thresholds) ran that way."""
+    body = {f"conv5_5_CPM_L{b}" for b in (1, 2)} | {f"Mconv7_stage{s}_L1" for s in STAGES}
+    body |= {f"Mconv7_stage{s}_L2" for s in STAGES if s != STAGES[-1]}
+    return frozenset(body | {"conv6_2_CPM"} | {f"Mconv7_stage{s}" for s in STAGES})
+
+
+NO_RELU = _no_relu()
 
 
 def body_stage(stage: int, branch: int, outputs: int) -> tuple[Layer, ...]:
@@ -65,15 +76,15 @@ class NamedConvs(nn.Module):
                 self.add_module(name, nn.Conv2d(cin, cout, k, padding=k // 2))
         return layers
 
+    def plan(self, layers: tuple[Layer, ...]) -> list[tuple[str, int, bool]]:
+        """(name, kernel, followed by a ReLU) for each layer of a chain, pools as ("pool", 2, False); what run does."""
+        return [(name, k, name != "pool" and name not in NO_RELU) for name, _, _, k in layers]
+
     def run(self, layers: tuple[Layer, ...], x: torch.Tensor) -> torch.Tensor:
-        """The chain; a ReLU after every conv but the chain's last (unless in RELU_OUTPUTS)."""
-        last = max(i for i, layer in enumerate(layers) if layer[0] != "pool")
-        for i, (name, *_) in enumerate(layers):
-            if name == "pool":
-                x = F.max_pool2d(x, 2, 2)
-                continue
-            x = getattr(self, name)(x)
-            if i != last or name in RELU_OUTPUTS:
+        """The chain, a ReLU after every conv but the stages' output convs (NO_RELU)."""
+        for name, _, relu in self.plan(layers):
+            x = F.max_pool2d(x, 2, 2) if name == "pool" else getattr(self, name)(x)
+            if relu:
                 x = F.relu(x)
         return x
 

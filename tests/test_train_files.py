@@ -22,22 +22,15 @@ from zeroconv.controlnet_model.checkpoint import load_controlnet
 from zeroconv.training import loop
 from zeroconv.training.config import TrainConfig, default_config_text
 from zeroconv.training.state import CheckpointFolder
-from zeroconv.training.tiny_base import write_tiny_fill50k, write_tiny_sd_checkpoint
 
+from .conftest import tiny_training_files
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
 def files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    root = tmp_path_factory.mktemp("tiny")
-    return {"base": write_tiny_sd_checkpoint(root / "base.safetensors", "SD1.x", seed=0),
-            "data": write_tiny_fill50k(root / "fill", count=6, size=32, seed=0)}
+    return tiny_training_files(tmp_path_factory.mktemp("tiny"), seed=0, count=6, size=32)
 
 
 def _cfg(files: dict[str, Path], out: Path, **changes) -> TrainConfig:

@@ -1,6 +1,6 @@
 """Atomic file writes: a temp file in the same folder, fsync, then os.replace (never a half-written file).
 
-Every file ZeroConv writes goes through atomic_write. Its temp files are named `.<name>.<random>.tmp`, so that
+Model files and training outputs go through atomic_write. Its temp files are named `.<name>.<random>.tmp`, so that
 one killed mid-write can be found and removed later (remove_stale_temps); the finished file gets an ordinary
 file's permissions (0666 less the umask, e.g. 0644), readable by another user or a container with another uid.
 """

@@ -10,6 +10,7 @@ import contextlib
 import json
 import logging
 import math
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, ContextManager
@@ -157,15 +158,21 @@ def check_paths(cfg: TrainConfig) -> None:
         raise FileNotFoundError(f"training config resume = {cfg.resume!r} does not exist; give a state-step*.pt "
                                 "file, 'auto' or 'never'")
     out = Path(cfg.output_dir)
+    used = {"checkpoints": True, "samples": True, "diffusers": cfg.export_diffusers, "latent_cache": cfg.cache_latents}
     for folder in (out, *(out / name for name in OUTPUT_FOLDERS)):
         if folder.exists() and not folder.is_dir():
             raise ValueError(f"training config output_dir: {folder} is an existing file, not a folder; "
                              "move it or set output_dir to another folder")
+        if folder != out and not used[folder.name]:
+            continue
         try:
             folder.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
             raise ValueError(f"training config output_dir = {cfg.output_dir!r}: cannot make {folder} "
                              f"({exc.strerror}); set output_dir to a folder you can write") from None
+        if not os.access(folder, os.W_OK | os.X_OK):
+            raise ValueError(f"training config output_dir: {folder} is not writable by this user; "
+                             "set output_dir to a folder you can write")
     for name in (f"{cfg.output_name}.safetensors", "history.json", "loss.png"):
         if (out / name).is_dir():
             raise ValueError(f"training config output_name/output_dir: {out / name} is a folder, where the run "

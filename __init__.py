@@ -3,7 +3,9 @@
 ComfyUI imports this folder by path, so everything below is relative. Importing does nothing but
 build the node tables: no downloads, no environment changes, no ComfyUI needed.
 """
-from .nodes import NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS
+if __package__:  # imported as a package (ComfyUI, pip). pytest runs this file bare when the checkout's folder
+    # name is not an identifier (`git clone ... ci-clone`): then there are no nodes to build
+    from .nodes import NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS
 
 WEB_DIRECTORY = None
 

@@ -107,7 +107,8 @@ def main(argv: list[str] | None = None) -> int:
         ensure_torch()
     ensure_requirements()
     if args.dev:
-        extras_ok = all(_installed(n) for n in ("pytest", "diffusers", "open_clip_torch", "kornia", "transformers"))
+        extras = ("pytest", "diffusers", "open_clip_torch", "kornia", "transformers", "scipy")
+        extras_ok = all(_installed(n) for n in extras)
         if not (extras_ok and _package_is_this_checkout()):
             _pip("-e", f"{HERE}[{DEV_EXTRAS}]")
         else:

@@ -189,3 +189,47 @@ def read_state_dict(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str
     """Every tensor of a file as stored (memory-mapped where the format allows) and its string metadata."""
     weights = open_weights(path)
     return {k: weights.load(k) for k in weights.keys()}, weights.metadata
+
+
+# ---- writing -----------------------------------------------------------------------------------------------
+SAFETENSORS_NAMES: dict[torch.dtype, str] = {dtype: name for name, dtype in SAFETENSORS_DTYPES.items()}
+
+
+def write_safetensors(path: str | Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None
+                      ) -> None:
+    """Write `tensors` to `path` in the safetensors format, streamed one tensor at a time into that very file.
+
+    safetensors.torch.save_file writes its own temp file beside the target and renames it over: a kill leaves
+    that temp behind, and the rename replaces the file's permissions with 0600. Writing here keeps the file the
+    caller made (atomic_write's temp, with ordinary permissions). Layout (safetensors format spec): an 8-byte
+    little-endian header length, a JSON header padded with spaces to 8 bytes, then the tensors' bytes in
+    header order, largest element size first so that every tensor starts aligned.
+    """
+    import struct
+    import sys
+
+    if metadata is not None and not all(isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()):
+        raise ValueError(f"{path}: safetensors metadata must map text to text, got {metadata!r}")
+    order = sorted(tensors, key=lambda k: (-tensors[k].element_size(), k))
+    header: dict[str, Any] = {"__metadata__": dict(metadata)} if metadata else {}
+    offset = 0
+    for key in order:
+        tensor = tensors[key]
+        if not isinstance(key, str) or not isinstance(tensor, torch.Tensor) or tensor.layout != torch.strided:
+            raise ValueError(f"{path}: {key!r} is not a named dense tensor; only those can be written")
+        if tensor.dtype not in SAFETENSORS_NAMES:
+            raise ValueError(f"{path}: tensor {key} has dtype {tensor.dtype}, which safetensors cannot hold")
+        size = tensor.numel() * tensor.element_size()
+        header[key] = {"dtype": SAFETENSORS_NAMES[tensor.dtype], "shape": list(tensor.shape),
+                       "data_offsets": [offset, offset + size]}
+        offset += size
+    text = json.dumps(header, separators=(",", ":")).encode("utf-8")
+    text += b" " * (-len(text) % 8)
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(text)))
+        f.write(text)
+        for key in order:
+            flat = tensors[key].detach().to("cpu").contiguous().reshape(-1)
+            if flat.numel():
+                data = flat.view(torch.uint8).numpy()
+                f.write(data.byteswap() if sys.byteorder == "big" and flat.element_size() > 1 else data)

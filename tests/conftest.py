@@ -54,3 +54,20 @@ def tiny_controlnet(tiny_unet: UNetModel) -> ControlNet:
 @pytest.fixture
 def tiny_inputs(tiny_unet: UNetModel) -> dict[str, torch.Tensor]:
     return make_inputs(tiny_unet.config)
+
+
+@pytest.fixture
+def one_torch_thread():
+    """Tiny ops on one torch thread (thread hand-off costs more than it gains on a busy CPU); restored after."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def tiny_training_files(root, seed: int = 0, count: int = 6, size: int = 32) -> dict:
+    """A tiny random SD1.x-layout base file and toy Fill50K data under `root` (training tests)."""
+    from zeroconv.training.tiny_base import write_tiny_fill50k, write_tiny_sd_checkpoint
+
+    return {"base": write_tiny_sd_checkpoint(root / "base.safetensors", "SD1.x", seed=seed),
+            "data": write_tiny_fill50k(root / "fill", count=count, size=size, seed=seed)}

@@ -315,14 +315,14 @@ def test_unsupported_kinds_are_named(tmp_path, markers) -> None:
 def test_failed_write_keeps_the_good_file(net: ControlNet, tmp_path, monkeypatch) -> None:
     path = save_controlnet(net, tmp_path / "keep.safetensors")
     before = path.read_bytes()
-    import safetensors.torch
+    from zeroconv.controlnet_model import safetensors_io
 
-    def broken(state, filename, metadata=None):
+    def broken(filename, state, metadata=None):
         with open(filename, "wb") as f:
             f.write(b"half")  # a partial write, then the failure
         raise OSError("disk full")
 
-    monkeypatch.setattr(safetensors.torch, "save_file", broken)
+    monkeypatch.setattr(safetensors_io, "write_safetensors", broken)
     with pytest.raises(OSError, match="disk full"):
         save_controlnet(tiny_net(seed=5), path)
     assert path.read_bytes() == before

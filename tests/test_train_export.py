@@ -11,22 +11,15 @@ from safetensors.torch import load_file
 from zeroconv.controlnet_model.checkpoint import load_controlnet, read_metadata
 from zeroconv.training.config import TrainConfig
 from zeroconv.training.loop import train
-from zeroconv.training.tiny_base import write_tiny_fill50k, write_tiny_sd_checkpoint
 
+from .conftest import tiny_training_files
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
 def files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    root = tmp_path_factory.mktemp("export")
-    return {"base": write_tiny_sd_checkpoint(root / "base.safetensors", "SD1.x", seed=4),
-            "data": write_tiny_fill50k(root / "fill", count=4, size=64, seed=4)}
+    return tiny_training_files(tmp_path_factory.mktemp("export"), seed=4, count=4, size=64)
 
 
 def test_trained_file_loads_here_and_in_diffusers_with_equal_residuals(files: dict[str, Path], tmp_path: Path) -> None:

@@ -14,22 +14,15 @@ from zeroconv.training.data import collate
 from zeroconv.training.distributed import setup
 from zeroconv.training.loop import (build, check_trainable, diffusion_loss, draw_step, make_optimizer, optimizer_step,
                                     train)
-from zeroconv.training.tiny_base import write_tiny_fill50k, write_tiny_sd_checkpoint
 
+from .conftest import tiny_training_files
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny ops: thread hand-off costs more than it gains on a busy CPU
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
 def files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    root = tmp_path_factory.mktemp("tiny")
-    return {"base": write_tiny_sd_checkpoint(root / "base.safetensors", "SD1.x", seed=0),
-            "data": write_tiny_fill50k(root / "fill", count=8, size=32, seed=0)}
+    return tiny_training_files(tmp_path_factory.mktemp("tiny"), seed=0, count=8, size=32)
 
 
 def _cfg(files: dict[str, Path], out: Path, **changes) -> TrainConfig:

@@ -10,7 +10,6 @@ import time
 from pathlib import Path
 
 import pytest
-import torch
 from safetensors.torch import load_file
 
 from zeroconv.training.config import TrainConfig, default_config_text
@@ -20,13 +19,7 @@ from zeroconv.training.tiny_base import write_tiny_fill50k, write_tiny_sd_checkp
 
 MAX_STEPS = 16
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _config(tmp_path: Path, out: Path) -> TrainConfig:

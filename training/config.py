@@ -9,6 +9,7 @@ import dataclasses
 import difflib
 import inspect
 import json
+import math
 import re
 import typing
 from dataclasses import dataclass
@@ -47,6 +48,7 @@ ALIASES = {"learning_rate": "lr", "train_batch_size": "batch_size", "gradient_ac
            "train_data_dir": "data", "guidance_scale": "cfg_scale", "validation_prompt": "validation_prompts",
            "validation_image": "validation_conditions", "use_ema": "ema_decay"}
 
+SEED_STRIDE = 1_000_003  # the step's generator is seeded seed * SEED_STRIDE + step (loop.draw_step)
 PAPER_DEFAULT_PROMPT = "a professional, detailed, high-quality image"  # Zhang et al. 2023 §4.1
 
 
@@ -105,10 +107,32 @@ class TrainConfig:
         self._validate()
 
     def _validate(self) -> None:
+        """Every field in range, each error naming the field (paths are checked at the start of a run)."""
+        for name, kind in _field_types().items():
+            values = getattr(self, name) if typing.get_origin(kind) is tuple else (getattr(self, name),)
+            if any(isinstance(v, float) and not math.isfinite(v) for v in values):
+                raise ValueError(f"training config {name} must be a finite number, got {getattr(self, name)!r}")
         positive = ("resolution", "batch_size", "grad_accum", "max_steps", "sample_steps", "keep_checkpoints")
         for name in positive:
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("unlock_lr", "adam_eps"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
+        for name in ("weight_decay", "max_grad_norm", "cfg_scale", "seed", "num_validation_conditions"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if not all(0.0 <= b < 1.0 for b in self.adam_betas):
+            raise ValueError(f"adam_betas must both be in [0, 1), got {list(self.adam_betas)}")
+        if self.seed * SEED_STRIDE + self.max_steps >= 2**63:
+            raise ValueError(f"seed must be below {(2**63 - self.max_steps) // SEED_STRIDE}, got {self.seed}")
+        if not self.validation_conditions and self.num_validation_conditions < 1:
+            raise ValueError("num_validation_conditions must be >= 1 when validation_conditions is empty, got 0")
+        if not self.output_name or Path(self.output_name).name != self.output_name or self.output_name in (".", ".."):
+            raise ValueError(f"output_name must be a plain file name (no folder), got {self.output_name!r}; "
+                             "put the folder in output_dir")
+        if not self.output_dir:
+            raise ValueError("output_dir must name a folder, got ''")
         if self.resolution % 8:
             raise ValueError(f"resolution must be a multiple of 8 (latents are 1/8 size), got {self.resolution}")
         if not 0.0 <= self.caption_dropout <= 1.0:

@@ -10,6 +10,7 @@ import contextlib
 import json
 import logging
 import math
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, ContextManager
@@ -24,10 +25,12 @@ from ..controlnet_model.unet import UNetModel
 from . import distributed as dist_util
 from .base import LockedBase, load_base
 from .encode import encode_captions, encode_latents, latents_from_moments
-from .config import MixedPrecision, Parallelism, TrainConfig, TrainMode
+from .config import SEED_STRIDE, MixedPrecision, Parallelism, TrainConfig, TrainMode
 from .data import BatchPlan, ControlDataset, LatentCache, StepSampler, collate, read_rows
 from .schedule import NoiseSchedule
-from .state import CheckpointFolder, atomic_torch_save, atomic_write, atomic_write_text, load_state, rng_state, set_rng_state
+from ..controlnet_model.atomic import atomic_save_safetensors, remove_stale_temps
+from .state import CheckpointFolder, atomic_torch_save, atomic_write_text, load_checkpoint_weights, load_state, \
+    partner, rng_state, set_rng_state
 from .validation import ValidationSet, build_validation_set, fidelity_setup, measure_fidelity, plot_curves, sample, \
     save_grid, to_uint8
 
@@ -81,7 +84,7 @@ class StepDraws:
 def draw_step(seed: int, step: int, global_batch: int, latent_shape: tuple[int, int, int], num_timesteps: int,
               caption_dropout: float) -> StepDraws:
     """The draws of `step` from a generator seeded by (seed, step): independent of process count and resumes."""
-    gen = torch.Generator().manual_seed(seed * 1_000_003 + step)
+    gen = torch.Generator().manual_seed(seed * SEED_STRIDE + step)
     t = torch.randint(0, num_timesteps, (global_batch,), generator=gen)
     drop = torch.rand(global_batch, generator=gen) < caption_dropout
     noise = torch.randn((global_batch, *latent_shape), generator=gen)
@@ -127,6 +130,61 @@ def check_trainable(controlnet: ControlNet, unet: UNetModel, optimizer: torch.op
     if any(p.dtype != torch.float32 for p in held):
         raise ValueError("trainable weights must be fp32 (mixed precision is autocast, not half weights); "
                          "load the ControlNet in float32")
+
+
+# ---- before the first step: every path ------------------------------------------------------------------
+OUTPUT_FOLDERS = ("checkpoints", "samples", "diffusers", "latent_cache")  # what a run writes under output_dir
+
+
+def check_paths(cfg: TrainConfig) -> None:
+    """Every file a run reads exists and every folder it writes can be made, before anything is loaded.
+
+    Errors name the config field; nothing is written except the (empty) output folders.
+    """
+    def need_file(name: str, value: str, what: str) -> None:
+        if not value:
+            raise ValueError(f"training config {name} is empty; set it to {what}")
+        if not Path(value).exists():
+            raise FileNotFoundError(f"training config {name} = {value!r} does not exist; set it to {what}")
+
+    need_file("base", cfg.base, "the locked base model file (SD1.x/SD2.x/SDXL single file or a world base)")
+    if cfg.controlnet_init:
+        need_file("controlnet_init", cfg.controlnet_init, "a ControlNet file, or '' for a fresh copy of the base")
+    need_file("data", cfg.data, "a data folder (image/, condition/, captions) or a .jsonl file")
+    for path in cfg.validation_conditions:
+        if not Path(path).is_file():
+            raise FileNotFoundError(f"training config validation_conditions: {path} is not a file; fix the list")
+    if cfg.resume not in ("auto", "never") and not Path(cfg.resume).is_file():
+        raise FileNotFoundError(f"training config resume = {cfg.resume!r} does not exist; give a state-step*.pt "
+                                "file, 'auto' or 'never'")
+    out = Path(cfg.output_dir)
+    used = {"checkpoints": True, "samples": True, "diffusers": cfg.export_diffusers, "latent_cache": cfg.cache_latents}
+    for folder in (out, *(out / name for name in OUTPUT_FOLDERS)):
+        if folder.exists() and not folder.is_dir():
+            raise ValueError(f"training config output_dir: {folder} is an existing file, not a folder; "
+                             "move it or set output_dir to another folder")
+        if folder != out and not used[folder.name]:
+            continue
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise ValueError(f"training config output_dir = {cfg.output_dir!r}: cannot make {folder} "
+                             f"({exc.strerror}); set output_dir to a folder you can write") from None
+        if not os.access(folder, os.W_OK | os.X_OK):
+            raise ValueError(f"training config output_dir: {folder} is not writable by this user; "
+                             "set output_dir to a folder you can write")
+    for name in (f"{cfg.output_name}.safetensors", "history.json", "loss.png"):
+        if (out / name).is_dir():
+            raise ValueError(f"training config output_name/output_dir: {out / name} is a folder, where the run "
+                             "writes a file; move it or change output_name")
+
+
+def remove_interrupted_writes(cfg: TrainConfig) -> None:
+    """Delete temp files that writes cut short by a killed run left in output_dir and its folders."""
+    out = Path(cfg.output_dir)
+    for folder in (out, *(out / name for name in OUTPUT_FOLDERS)):
+        for stale in remove_stale_temps(folder):
+            logger.info("removed %s left by an interrupted write", stale)
 
 
 # ---- build -----------------------------------------------------------------------------------------------
@@ -183,6 +241,7 @@ def build(cfg: TrainConfig, env: dist_util.DistEnv) -> Run:
     """Base (fp32 to copy from, then cast for storage), ControlNet, data, validation and the wrapped pair."""
     if cfg.mixed_precision is MixedPrecision.FP16 and cfg.parallelism is Parallelism.FSDP and env.distributed:
         raise ValueError("fp16 with FSDP is not supported here; use mixed_precision = 'bf16'")
+    rows = read_rows(cfg.data, need_condition=not cfg.annotator)  # before the (slow) base load: bad data fails now
     torch.manual_seed(cfg.seed)
     base = load_base(cfg.base, device=env.device, dtype=torch.float32)
     controlnet = initial_controlnet(cfg, base).to(env.device).train()
@@ -191,7 +250,6 @@ def build(cfg: TrainConfig, env: dist_util.DistEnv) -> Run:
     if cfg.mode is TrainMode.LARGE_SCALE:
         base.unet.float()  # weights unlocked later must be fp32 like every trainable weight
     base.unet.requires_grad_(False).eval()
-    rows = read_rows(cfg.data, need_condition=not cfg.annotator)
     dataset = ControlDataset(rows, cfg.resolution, cfg.crop, cfg.annotator)
     model = dist_util.wrap(ControlledUNet(controlnet, base.unet), controlnet, env, cfg.parallelism)
     enabled = cfg.mixed_precision is not MixedPrecision.NO
@@ -313,7 +371,6 @@ def save_checkpoint(run: Run, optimizer: torch.optim.Optimizer, history: History
                            "losses": history.losses, "fidelity": history.fidelity,
                            "unlocked_base": unlocked_state(run) if run.unlocked else None}, paths.state)
         folder.commit(paths, cfg.keep_checkpoints)
-        write_history(cfg, history)
         logger.info("checkpoint at step %d: %s", history.step, paths.weights)
     dist_util.barrier(env)
 
@@ -332,9 +389,6 @@ def resume(run: Run, optimizer: torch.optim.Optimizer, ema: list[torch.Tensor] |
     if cfg.resume == "never":
         return History()
     folder = CheckpointFolder(cfg.output_dir)
-    if run.env.is_main:
-        for stale in folder.remove_stale_temps():
-            logger.info("removed %s left by an interrupted save", stale.name)
     if cfg.resume == "auto":
         paths = folder.latest()
         if paths is None:
@@ -344,19 +398,17 @@ def resume(run: Run, optimizer: torch.optim.Optimizer, ema: list[torch.Tensor] |
         state_path = Path(cfg.resume)
         if not state_path.is_file():
             raise FileNotFoundError(f"resume file {state_path} does not exist; give a state-step*.pt or 'auto'")
-        weights_path = state_path.with_name(state_path.name.replace("state-", "controlnet-")).with_suffix(".safetensors")
+        weights_path = partner(state_path)
     state = load_state(state_path)
+    weights = load_checkpoint_weights(weights_path)
     _warn_config_changes(state["config"], cfg)
-    from safetensors.torch import load_file
-
     if cfg.mode is TrainMode.LARGE_SCALE and state["step"] >= cfg.unlock_base_after:
         unlock_base(run, optimizer)
         with torch.no_grad():
             named = dict(run.base.unet.named_parameters())
             for key, tensor in (state["unlocked_base"] or {}).items():
                 named[key[len("model.diffusion_model."):]].copy_(tensor)
-    dist_util.load_full_states(run.controlnet, optimizer, load_file(str(weights_path), device="cpu"),
-                               state["optimizer"])
+    dist_util.load_full_states(run.controlnet, optimizer, weights, state["optimizer"])
     if ema is not None and state.get("ema") is not None:
         ema[:] = _sharded_like(run, state["ema"])
     scaler.load_state_dict(state["scaler"])
@@ -416,6 +468,11 @@ def train(cfg: TrainConfig, progress: ProgressFn | None = None) -> TrainResult:
 def _train(cfg: TrainConfig, env: dist_util.DistEnv, progress: ProgressFn | None) -> TrainResult:
     from tqdm.auto import tqdm
 
+    # check every path first (nothing slow is loaded before a bad path is named); clear interrupted writes
+    check_paths(cfg)
+    if env.is_main:
+        remove_interrupted_writes(cfg)
+    dist_util.barrier(env)
     # build: locked base, ControlNet copied from it, data (and cached latents), validation set
     run = build(cfg, env)
     if cfg.cache_latents:
@@ -435,47 +492,71 @@ def _train(cfg: TrainConfig, env: dist_util.DistEnv, progress: ProgressFn | None
         num_workers=cfg.num_workers, collate_fn=collate, pin_memory=env.device.type == "cuda")
     batches = iter(loader)
     latent_shape = (run.base.unet.config.in_channels, cfg.resolution // 8, cfg.resolution // 8)
-    bar = tqdm(total=cfg.max_steps, initial=history.step, disable=not env.is_main, desc="training", unit="step")
-    # loop
-    while history.step < cfg.max_steps:
-        step = history.step
-        if cfg.mode is TrainMode.LARGE_SCALE and step == cfg.unlock_base_after and not run.unlocked:
-            unlock_base(run, optimizer)
-            check_trainable(run.controlnet, run.base.unet, optimizer, run.unlocked)
-        optimizer.param_groups[0]["lr"] = lr_at(cfg, step)
-        draws = draw_step(cfg.seed, step, run.plan.global_batch, latent_shape, run.schedule.num_timesteps,
-                          cfg.caption_dropout)
-        middle_only = cfg.mode is TrainMode.SMALL_SCALE and step < cfg.reconnect_after
-        local = torch.zeros((), device=env.device)
-        for micro in range(cfg.grad_accum):
-            batch = next(batches)
-            with dist_util.no_grad_sync(run.model, run.controlnet, skip=micro < cfg.grad_accum - 1):
-                loss = diffusion_loss(run.model, run.base, run.schedule, batch, draws,
-                                      run.plan.local_slice(micro, env.rank), middle_only, run.autocast, env.device)
-                scaler.scale(loss / cfg.grad_accum).backward()
-            local += loss.detach() / cfg.grad_accum
-        grad_norm = optimizer_step(run, optimizer, scaler)
-        if ema is not None:
-            ema_update(ema, list(run.controlnet.parameters()), cfg.ema_decay)
-        history.step += 1
-        history.losses.append(global_mean(env, local))
-        info = {"loss": history.losses[-1], "lr": optimizer.param_groups[0]["lr"], "grad_norm": grad_norm}
-        if history.step == cfg.max_steps or (cfg.validate_every and history.step % cfg.validate_every == 0):
-            fid = validate(run, vset, history.step, ema)
-            if fid is not None:
-                history.fidelity.append((history.step, fid))
-                info["fidelity"] = fid
-        if history.step == cfg.max_steps or (cfg.save_every and history.step % cfg.save_every == 0):
-            save_checkpoint(run, optimizer, history, ema, scaler)
-        if env.is_main and cfg.log_every and history.step % cfg.log_every == 0:
-            logger.info("step %d/%d loss %.4f lr %.2e", history.step, cfg.max_steps, info["loss"], info["lr"])
-        bar.update(1)
-        bar.set_postfix(loss=f"{info['loss']:.4f}")
-        if progress is not None:
-            progress(history.step, cfg.max_steps, info)
+    # a bar only on a terminal: in a log file (stderr not a TTY) its redraws would run into the log lines,
+    # and the log lines (log_every) are the progress there
+    bar = tqdm(total=cfg.max_steps, initial=history.step, disable=not (env.is_main and _is_terminal()),
+               desc="training", unit="step")
+    # loop (log lines go above the bar on a terminal)
+    with _above(bar):
+        while history.step < cfg.max_steps:
+            step = history.step
+            if cfg.mode is TrainMode.LARGE_SCALE and step == cfg.unlock_base_after and not run.unlocked:
+                unlock_base(run, optimizer)
+                check_trainable(run.controlnet, run.base.unet, optimizer, run.unlocked)
+            optimizer.param_groups[0]["lr"] = lr_at(cfg, step)
+            draws = draw_step(cfg.seed, step, run.plan.global_batch, latent_shape, run.schedule.num_timesteps,
+                              cfg.caption_dropout)
+            middle_only = cfg.mode is TrainMode.SMALL_SCALE and step < cfg.reconnect_after
+            local = torch.zeros((), device=env.device)
+            for micro in range(cfg.grad_accum):
+                batch = next(batches)
+                with dist_util.no_grad_sync(run.model, run.controlnet, skip=micro < cfg.grad_accum - 1):
+                    loss = diffusion_loss(run.model, run.base, run.schedule, batch, draws,
+                                          run.plan.local_slice(micro, env.rank), middle_only, run.autocast, env.device)
+                    scaler.scale(loss / cfg.grad_accum).backward()
+                local += loss.detach() / cfg.grad_accum
+            grad_norm = optimizer_step(run, optimizer, scaler)
+            if ema is not None:
+                ema_update(ema, list(run.controlnet.parameters()), cfg.ema_decay)
+            history.step += 1
+            history.losses.append(global_mean(env, local))
+            info = {"loss": history.losses[-1], "lr": optimizer.param_groups[0]["lr"], "grad_norm": grad_norm}
+            last = history.step == cfg.max_steps
+            validated = last or bool(cfg.validate_every and history.step % cfg.validate_every == 0)
+            if validated:
+                fid = validate(run, vset, history.step, ema)
+                if fid is not None:
+                    history.fidelity.append((history.step, fid))
+                    info["fidelity"] = fid
+            saved = last or bool(cfg.save_every and history.step % cfg.save_every == 0)
+            if saved:
+                save_checkpoint(run, optimizer, history, ema, scaler)
+            if env.is_main and (validated or saved):
+                write_history(cfg, history)  # the loss/fidelity curve, refreshed at every validation and checkpoint
+            if env.is_main and cfg.log_every and history.step % cfg.log_every == 0:
+                logger.info("step %d/%d loss %.4f lr %.2e", history.step, cfg.max_steps, info["loss"], info["lr"])
+            bar.update(1)
+            bar.set_postfix(loss=f"{info['loss']:.4f}")
+            if progress is not None:
+                progress(history.step, cfg.max_steps, info)
     bar.close()
     # checkpoint: the final native file (EMA weights when kept) and the diffusers export
     return finish(run, history, ema)
+
+
+def _is_terminal() -> bool:
+    import sys
+
+    return bool(getattr(sys.stderr, "isatty", None) and sys.stderr.isatty())
+
+
+def _above(bar: Any) -> ContextManager:
+    """Log lines printed above a live progress bar (tqdm's logging redirect), never into its line."""
+    if bar.disable:
+        return contextlib.nullcontext()
+    from tqdm.contrib.logging import logging_redirect_tqdm
+
+    return logging_redirect_tqdm()
 
 
 def optimizer_step(run: Run, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler) -> float:
@@ -515,10 +596,7 @@ def finish(run: Run, history: History, ema: list[torch.Tensor] | None) -> TrainR
         if folder is not None:
             export_diffusers(model, folder)
         if run.unlocked:
-            from safetensors.torch import save_file
-
-            unlocked = unlocked_state(run)
-            atomic_write(out / f"{cfg.output_name}-unlocked-base.safetensors", lambda tmp: save_file(unlocked, tmp))
+            atomic_save_safetensors(unlocked_state(run), out / f"{cfg.output_name}-unlocked-base.safetensors")
         write_history(cfg, history)
         logger.info("wrote %s%s", final, f" and {folder}" if folder else "")
     dist_util.barrier(run.env)

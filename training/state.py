@@ -19,17 +19,14 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..controlnet_model.atomic import atomic_write, atomic_write_text
+from ..controlnet_model.atomic import atomic_torch_save, atomic_write, atomic_write_text, remove_stale_temps
+
+__all__ = ["atomic_torch_save", "atomic_write", "atomic_write_text", "CheckpointFolder", "load_state",
+           "load_checkpoint_weights", "rng_state", "set_rng_state"]
 
 logger = logging.getLogger(__name__)
 
 POINTER = "latest.json"
-
-
-def atomic_torch_save(obj: Any, path: Path) -> None:
-    atomic_write(Path(path), lambda tmp: torch.save(obj, tmp))
-
-
 
 
 # ---- RNG states ------------------------------------------------------------------------------------------
@@ -70,19 +67,39 @@ class CheckpointFolder:
         return CheckpointPaths(self.folder / f"controlnet-step{step:07d}.safetensors",
                                self.folder / f"state-step{step:07d}.pt", step)
 
+    def complete_steps(self) -> list[int]:
+        """Steps whose weights and state files are both on disk, oldest first."""
+        if not self.folder.is_dir():
+            return []
+        steps = []
+        for p in self.folder.glob("state-step*.pt"):
+            try:
+                step = int(p.stem[len("state-step"):])
+            except ValueError:
+                continue
+            if self.paths(step).weights.is_file():
+                steps.append(step)
+        return sorted(steps)
+
     def latest(self) -> CheckpointPaths | None:
+        """The pair latest.json names; if it is missing or names deleted files, the newest complete pair.
+
+        Each file of a pair is written atomically before the pointer, so any pair on disk is complete; deleting
+        a damaged newest pair therefore resumes from the one before it.
+        """
         pointer = self.folder / POINTER
-        if not pointer.is_file():
-            return None
-        try:
-            step = int(json.loads(pointer.read_text())["step"])
-        except (ValueError, KeyError, json.JSONDecodeError) as exc:
-            raise ValueError(f"{pointer} is damaged ({exc}); delete it and set resume to a state-step*.pt file") from None
-        paths = self.paths(step)
-        if not (paths.weights.is_file() and paths.state.is_file()):
-            raise FileNotFoundError(f"{pointer} names step {step} but its files are missing; set resume to another "
-                                    "state-step*.pt file or 'never'")
-        return paths
+        steps = self.complete_steps()
+        if pointer.is_file():
+            try:
+                step = int(json.loads(pointer.read_text())["step"])
+            except (ValueError, KeyError, TypeError, json.JSONDecodeError) as exc:
+                logger.warning("%s is damaged (%s); resuming from the newest checkpoint on disk", pointer, exc)
+            else:
+                if step in steps:
+                    return self.paths(step)
+                logger.warning("%s names step %d, whose files are gone; resuming from the newest checkpoint on "
+                               "disk", pointer, step)
+        return self.paths(steps[-1]) if steps else None
 
     def commit(self, paths: CheckpointPaths, keep: int) -> None:
         """Point at a fully written pair, then delete pairs beyond the newest `keep`."""
@@ -97,15 +114,48 @@ class CheckpointFolder:
 
     def remove_stale_temps(self) -> list[Path]:
         """Temp files of writes cut short by a killed process (never a named checkpoint)."""
-        stale = sorted(self.folder.glob(".*.tmp")) if self.folder.is_dir() else []
-        for p in stale:
-            p.unlink(missing_ok=True)
-        return stale
+        return remove_stale_temps(self.folder)
+
+
+def partner(path: Path) -> Path:
+    """The other file of a checkpoint pair: state-step<N>.pt <-> controlnet-step<N>.safetensors."""
+    path = Path(path)
+    if path.name.startswith("state-"):
+        return path.with_name(path.name.replace("state-", "controlnet-", 1)).with_suffix(".safetensors")
+    return path.with_name(path.name.replace("controlnet-", "state-", 1)).with_suffix(".pt")
+
+
+def _damaged(what: str, path: Path, exc: BaseException) -> ValueError:
+    """One message for a checkpoint file that cannot be read: which file, and how to resume anyway."""
+    detail = str(exc).splitlines()[0][:200] if str(exc) else ""
+    return ValueError(f"{what} {path} is damaged ({type(exc).__name__}: {detail}): the write was cut short or the "
+                      f"disk is faulty. Delete it and {partner(path).name} to resume from the previous checkpoint, "
+                      "or set resume = 'never' to start again")
 
 
 def load_state(path: Path) -> dict[str, Any]:
     """A training-state file: plain containers and tensors only, so it loads with weights_only=True."""
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except (OSError, RuntimeError, EOFError, pickle.UnpicklingError) as exc:
-        raise ValueError(f"training state {path} is unreadable ({exc}); resume from an older state-step*.pt") from None
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except (OSError, RuntimeError, EOFError, ValueError, pickle.UnpicklingError) as exc:
+        raise _damaged("training state", Path(path), exc) from None
+    missing = [k for k in ("step", "config", "optimizer", "scaler", "rng", "losses", "fidelity")
+               if not isinstance(state, dict) or k not in state]
+    if missing:
+        raise ValueError(f"training state {path} lacks {', '.join(missing)}; it is not a zeroconv train state "
+                         "file: give a state-step*.pt from checkpoints/, or set resume = 'never'")
+    return state
+
+
+def load_checkpoint_weights(path: Path) -> dict[str, torch.Tensor]:
+    """A checkpoint's ControlNet weights (a .safetensors written by save_checkpoint)."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"checkpoint weights {path} are missing; they belong beside the state file. "
+                                "Set resume to another state-step*.pt, or 'never'")
+    try:
+        return load_file(str(path), device="cpu")
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise _damaged("checkpoint weights", Path(path), exc) from None

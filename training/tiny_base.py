@@ -66,12 +66,11 @@ def tiny_sd_state(family: str = "SD1.x", seed: int = 0) -> tuple[dict[str, torch
 def write_tiny_sd_checkpoint(path: str | Path, family: str = "SD1.x", seed: int = 0,
                              prediction_type: str = "epsilon") -> Path:
     """Write a tiny `.safetensors` base (and an LDM `.yaml` with parameterization "v" for v_prediction)."""
-    from safetensors.torch import save_file
+    from ..controlnet_model.atomic import atomic_save_safetensors
 
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     state, meta = tiny_sd_state(family, seed)
-    save_file(state, str(path), metadata=meta)
+    atomic_save_safetensors(state, path, meta)
     if prediction_type == "v_prediction":
         path.with_suffix(".yaml").write_text("model:\n  params:\n    parameterization: \"v\"\n")
     return path

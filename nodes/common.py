@@ -11,16 +11,15 @@ from ..controlnet_model.accelerate import Acceleration
 from ..controlnet_model.hint import HintFit, image_to_hint
 from ..controlnet_model.residuals import ControlMode, ControlSettings
 from ..controlnet_model.schedule import StrengthSchedule
-from .comfy_adapter import controlnet_folder_paths, host_controlnet_names
+from .host import folders
+from .host.folders import PACKAGE_MODELS
 
 logger = logging.getLogger(__name__)
 
 CATEGORY = "ZeroConv"
-WEIGHT_SUFFIXES = (".safetensors", ".sft", ".pth", ".pt", ".ckpt", ".bin")
 MODES = [m.value for m in ControlMode]
 FITS = [f.value for f in HintFit]
 ACCELERATIONS = [a.value for a in Acceleration]
-PACKAGE_MODELS = Path(__file__).resolve().parent.parent / "models"  # the demo world's shipped files
 PACKAGED_CONTROLNETS = "*controlnet*.safetensors"  # which of them are ControlNets (offered after the host's)
 
 
@@ -56,10 +55,7 @@ def settings_from_inputs(strength: float, start_percent: float, end_percent: flo
 
 def list_controlnets() -> list[str]:
     """File names (relative to each ControlNet folder, '/'-separated) for the loader's combo."""
-    names = host_controlnet_names()
-    if names is None:
-        names = sorted({n for f in controlnet_folder_paths() if Path(f).is_dir() for n in _weight_files(Path(f))})
-    return list(dict.fromkeys([*names, *_packaged_controlnets()]))
+    return list(dict.fromkeys([*folders.model_names("controlnet"), *_packaged_controlnets()]))
 
 
 def _packaged_controlnets() -> list[str]:
@@ -76,40 +72,35 @@ def resolve_controlnet(name: str) -> Path:
     """The file a workflow names. If it is not found as written: the file with the same normalised name, then
     the same name but another precision, then the native file whose metadata records that name or content hash.
     Which file was used is logged."""
-    folders = [Path(f) for f in controlnet_folder_paths()]
-    for folder in folders:
-        candidate = folder / name.replace("\\", "/")
-        if candidate.is_file():
-            return candidate
+    found = folders.find_model("controlnet", name)
+    if found is not None:
+        return found
+    dirs = folders.model_folders("controlnet")
     if name in _packaged_controlnets():
         return PACKAGE_MODELS / name
-    files = [folder / n for folder in folders if folder.is_dir() for n in _weight_files(folder)]
+    files = [folder / n for folder in dirs for n in folders.weight_files(folder)]
     for precision, why in ((True, "same name after normalising"), (False, "same name, other precision")):
         matches = [f for f in files if _normalise(f.name, precision) == _normalise(name, precision)]
         if matches:
             logger.warning("ControlNet %r not found as written; using %s (%s%s)", name, matches[0], why,
                            f"; other candidates: {[str(m) for m in matches[1:]]}" if len(matches) > 1 else "")
             return matches[0]
-    recorded = _find_by_metadata(name, folders)
+    recorded = _find_by_metadata(name, dirs)
     if recorded is not None:
         logger.warning("ControlNet %r not found by name; using %s (its metadata records that name or hash)",
                        name, recorded)
         return recorded
-    where = ", ".join(str(f) for f in folders) or "no ControlNet folder (set ZEROCONV_CONTROLNET_DIR outside ComfyUI)"
+    where = ", ".join(str(f) for f in dirs) or "no ControlNet folder (set ZEROCONV_CONTROLNET_DIR outside ComfyUI)"
     raise FileNotFoundError(f"ControlNet file {name!r} was not found in {where}; put the file there or pick another")
 
 
-def _weight_files(folder: Path) -> list[str]:
-    return sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.suffix in WEIGHT_SUFFIXES)
-
-
-def _find_by_metadata(name: str, folders: list[Path]) -> Path | None:
+def _find_by_metadata(name: str, dirs: list[Path]) -> Path | None:
     """A renamed native file: its metadata records the name it was saved as and its content hash."""
     from safetensors import safe_open
 
     wanted = Path(name.replace("\\", "/")).name
     stem = Path(wanted).stem.lower()
-    for folder in folders:
+    for folder in dirs:
         for path in sorted(folder.rglob("*.safetensors")) if folder.is_dir() else []:
             try:
                 with safe_open(str(path), framework="pt") as f:

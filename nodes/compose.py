@@ -12,7 +12,7 @@ from typing import Any
 import torch
 
 from ..controlnet_model.schedule import StrengthSchedule
-from .comfy_adapter import as_control, make_control
+from .host.control import as_control, make_control
 from .common import CATEGORY, control_widgets, host_image_to_hint, settings_from_inputs
 
 

@@ -5,14 +5,16 @@ from __future__ import annotations
 from pathlib import Path
 
 from ..training.world_base import load_world_base
-from .comfy_adapter import host_base_objects, host_model_folders
-from .common import CATEGORY, PACKAGE_MODELS
+from .common import CATEGORY
+from .host import folders
+from .host.folders import PACKAGE_MODELS
+from .host.models import base_objects
 
 BASE_PATTERN = "*base*.safetensors"
 
 
 def _host_checkpoint_dirs() -> list[Path]:
-    return [Path(p) for p in host_model_folders("checkpoints") or []]
+    return folders.model_folders("checkpoints")
 
 
 def world_base_names() -> list[str]:
@@ -63,7 +65,7 @@ class ZeroConvLoadWorldBase:
         return True
 
     def load(self, base_name: str) -> tuple:
-        return host_base_objects(load_world_base(resolve_world_base(base_name)))
+        return base_objects(load_world_base(resolve_world_base(base_name)))
 
 
 NODE_CLASS_MAPPINGS = {"ZeroConvLoadWorldBase": ZeroConvLoadWorldBase}

@@ -11,7 +11,7 @@ from zeroconv.controlnet_model import init_from_unet
 from zeroconv.controlnet_model.checkpoint import read_metadata, save_controlnet
 from zeroconv.nodes import apply as apply_nodes, compose as compose_nodes, loaders as loader_nodes
 from zeroconv.nodes.apply import ZeroConvApplyControlNet, ZeroConvStrengthSchedule
-from zeroconv.nodes.comfy_adapter import ControlPart, ZeroConvControl, make_control
+from zeroconv.nodes.host.control import ControlPart, ZeroConvControl, make_control
 from zeroconv.nodes.compose import ZeroConvComposeControlNets, ZeroConvControlUnit
 from zeroconv.nodes.loaders import ZeroConvLoadControlNet
 

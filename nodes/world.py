@@ -20,7 +20,7 @@ def _host_checkpoint_dirs() -> list[Path]:
 def world_base_names() -> list[str]:
     """World bases shipped with the pack, then ComfyUI's checkpoints whose names say they are world bases."""
     names = [p.name for p in sorted(PACKAGE_MODELS.glob(BASE_PATTERN))]
-    names += [p.name for d in _host_checkpoint_dirs() if d.is_dir() for p in sorted(d.glob(f"world*{BASE_PATTERN}"))]
+    names += [p.name for d in _host_checkpoint_dirs() if d.is_dir() for p in sorted(d.glob(f"world{BASE_PATTERN}"))]
     return list(dict.fromkeys(names))
 
 

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import logging
+import math
 import re
 from pathlib import Path
 
@@ -42,6 +43,30 @@ def control_widgets() -> dict:
     }
 
 
+def check_inputs(node: type, **values: object) -> None:
+    """Validate a node's numeric, image and mask inputs before any work, by its INPUT_TYPES declaration: numbers are
+    finite and inside the declared min/max, images are (B, H, W, C) with H, W > 0 and 1, 3 or 4 channels, masks are
+    not empty. The error names the input and says what to give."""
+    declared = {name: spec for section in ("required", "optional")
+                for name, spec in node.INPUT_TYPES().get(section, {}).items()}
+    for name, value in values.items():
+        if value is None:
+            continue
+        kind, options = declared[name][0], (declared[name][1] if len(declared[name]) > 1 else {})
+        if kind in ("INT", "FLOAT"):
+            low, high = options.get("min", -math.inf), options.get("max", math.inf)
+            if not isinstance(value, (int, float)) or not math.isfinite(value) or not low <= value <= high:
+                raise ValueError(f"{name} is {value!r}; give a number from {low} to {high}")
+        elif kind == "IMAGE":
+            shape = tuple(getattr(value, "shape", ()))
+            if len(shape) != 4 or shape[1] == 0 or shape[2] == 0 or shape[0] == 0 or shape[3] not in (1, 3, 4):
+                raise ValueError(f"{name} has shape {shape}; give an IMAGE (B, H, W, C) with H and W above 0 and "
+                                 "1, 3 or 4 channels (grey, RGB, RGBA)")
+        elif kind == "MASK" and value.numel() == 0:
+            raise ValueError(f"{name} is empty (shape {tuple(value.shape)}); give a mask of at least 1x1 or "
+                             "disconnect it")
+
+
 def settings_from_inputs(strength: float, start_percent: float, end_percent: float, control_mode: str,
                          mask: torch.Tensor | None, schedule: StrengthSchedule | None) -> ControlSettings:
     """The library's settings from widget values; an empty mask is refused (it would silently disable the control)."""
@@ -49,6 +74,9 @@ def settings_from_inputs(strength: float, start_percent: float, end_percent: flo
         raise ValueError("the mask is all zero, so the ControlNet would do nothing; LoadImage gives an all-zero 64x64 "
                          "mask for images without transparency: paint the area to control transparent, or disconnect "
                          "the mask")
+    if start_percent > end_percent:
+        raise ValueError(f"start_percent {start_percent} is after end_percent {end_percent}; the control would never "
+                         "act: swap them")
     return ControlSettings(strength=strength, start_percent=start_percent, end_percent=end_percent,
                            mode=ControlMode(control_mode), mask=mask, schedule=schedule)
 

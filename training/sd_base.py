@@ -19,6 +19,7 @@ from torch import nn
 from ..controlnet_model.blocks import timestep_embedding
 from ..controlnet_model.checkpoint import infer_ldm_config
 from ..controlnet_model.config import ControlNetConfig, PredictionType
+from ..controlnet_model.safetensors_io import SAFETENSORS_SUFFIXES
 from ..controlnet_model.unet import UNetModel
 from .base import TextConditioning
 from .schedule import NoiseSchedule
@@ -84,7 +85,7 @@ class SDBase(nn.Module):
 # ---- reading files ---------------------------------------------------------------------------------------
 def read_checkpoint(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """Tensors and metadata of a .safetensors, or of a .ckpt/.pt through torch.load(weights_only=True)."""
-    if path.suffix in (".safetensors", ".sft"):
+    if path.suffix in SAFETENSORS_SUFFIXES:
         from safetensors import SafetensorError, safe_open
 
         try:

@@ -9,9 +9,10 @@ import os
 from pathlib import Path
 from typing import Iterator
 
+from ...demo import MODELS_DIR as PACKAGE_MODELS  # the demo world's shipped files
+
 CONTROLNET_DIR_ENV = "ZEROCONV_CONTROLNET_DIR"  # the ControlNet folder outside ComfyUI
 TRAIN_OUTPUT_ENV = "ZEROCONV_TRAIN_OUTPUT"  # the training node's output folder outside ComfyUI
-PACKAGE_MODELS = Path(__file__).resolve().parents[2] / "models"  # the demo world's shipped files
 # folder_paths.supported_pt_extensions (ComfyUI folder_paths.py), the weight files we list and load.
 WEIGHT_SUFFIXES = (".safetensors", ".sft", ".ckpt", ".pt", ".pth", ".bin")
 ANNOTATOR_FOLDER = "annotators"  # ComfyUI models/<this>

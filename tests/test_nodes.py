@@ -20,7 +20,7 @@ from .test_adapter_standins import CoreLikeControlNet, conditioning, image, one_
 
 OUR_IDS = {"ZeroConvLoadControlNet", "ZeroConvApplyControlNet", "ZeroConvStrengthSchedule", "ZeroConvControlUnit",
            "ZeroConvComposeControlNets"}
-# core ControlNetApplyAdvanced (ComfyUI 0.3.64 nodes.py; comfyui-host.md §7): the inputs ours shares with it
+# core ControlNetApplyAdvanced (ComfyUI 0.3.64 nodes.py ControlNetApplyAdvanced): the inputs ours shares with it
 CORE_APPLY = {"required": {"positive": ("CONDITIONING",), "negative": ("CONDITIONING",),
                            "control_net": ("CONTROL_NET",), "image": ("IMAGE",),
                            "strength": ("FLOAT", {"default": 1.0, "min": 0.0, "max": 10.0, "step": 0.01}),

@@ -1,4 +1,4 @@
-"""A synthetic world in the spirit of Fill50K (controlnet-formats.md §4.3): one filled shape on a flat background.
+"""A synthetic world in the spirit of Fill50K (the paper's toy dataset, lllyasviel/ControlNet docs/train.md): one filled shape on a flat background.
 
 The target is a shape filled with colour A on a background of colour B, the condition is the shape's outline
 (white, about 1.5 px, anti-aliased, on black), the caption is "<A> <shape> with <B> background". Everything is

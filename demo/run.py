@@ -20,7 +20,7 @@ from . import MODELS_DIR
 from ..training.base import LockedBase, load_base
 from ..training.fidelity import iou
 from ..training.schedule import ddim_sample
-from ..training.world import ShapeSpec, colours_match, random_specs, render_outline, segment_shape, shape_mask
+from .world import ShapeSpec, colours_match, random_specs, render_outline, segment_shape, shape_mask
 
 logger = logging.getLogger(__name__)
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ..training.world_base import load_world_base
+from ..demo.world_base import load_world_base
 from .common import CATEGORY
 from .host import folders
 from .host.folders import PACKAGE_MODELS
@@ -33,7 +33,7 @@ def resolve_world_base(name: str) -> Path:
         return Path(name).expanduser()
     raise FileNotFoundError(f"world base {name!r} not found in {PACKAGE_MODELS} or the checkpoints folder; the pack "
                             "ships models/world_base.safetensors (reinstall it), or train one with "
-                            "`python -m zeroconv.training.train_world_base`")
+                            "`python -m zeroconv.demo.train_world_base`")
 
 
 class ZeroConvLoadWorldBase:

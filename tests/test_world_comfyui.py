@@ -19,7 +19,7 @@ from PIL import Image
 
 from zeroconv.controlnet_model.checkpoint import save_controlnet
 from zeroconv.controlnet_model.from_unet import init_from_unet
-from zeroconv.training.world_base import build_world_base, save_world_base
+from zeroconv.demo.world_base import build_world_base, save_world_base
 from zeroconv.workflow_runner import run_workflow
 from zeroconv.workflow_runner.files import HostPaths
 

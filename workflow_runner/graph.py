@@ -1,4 +1,5 @@
-"""Workflow JSON -> API prompt -> validated -> executed, with ComfyUI's rules (ComfyUI execution.py; UI format: ComfyUI_frontend src/schemas/comfyWorkflowSchema.ts).
+"""Workflow JSON -> API prompt -> validated -> executed, with ComfyUI's rules (ComfyUI execution.py; the UI
+format: ComfyUI_frontend src/schemas/comfyWorkflowSchema.ts).
 
 UI-format files (what the editor saves) are converted the way the frontend's "Export (API)" does: widget values
 are matched to INPUT_TYPES positionally (required then optional, link-only inputs skipped), frontend-only

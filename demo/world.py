@@ -172,11 +172,11 @@ def colours_match(image: np.ndarray, shape: np.ndarray, spec: ShapeSpec) -> bool
 
 
 def main(argv: list[str] | None = None) -> int:
-    """python -m zeroconv.training.world --out data/world --count 20000 --size 64 --seed 1"""
+    """python -m zeroconv.demo.world --out data/world --count 20000 --size 64 --seed 1"""
     import argparse
     import logging
 
-    parser = argparse.ArgumentParser(prog="python -m zeroconv.training.world", description=__doc__)
+    parser = argparse.ArgumentParser(prog="python -m zeroconv.demo.world", description=__doc__)
     parser.add_argument("--out", required=True, help="folder to write source/, target/ and prompt.json into")
     parser.add_argument("--count", type=int, default=20000, help="number of pictures")
     parser.add_argument("--size", type=int, default=64, help="image side in pixels (multiple of 8)")

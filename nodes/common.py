@@ -60,7 +60,7 @@ def check_inputs(node: type, **values: object) -> None:
         elif kind == "IMAGE":
             shape = tuple(getattr(value, "shape", ()))
             if len(shape) != 4 or shape[1] == 0 or shape[2] == 0 or shape[0] == 0 or shape[3] not in (1, 3, 4):
-                raise ValueError(f"{name} has shape {shape}; give an IMAGE (B, H, W, C) with H and W above 0 and "
+                raise ValueError(f"{name} has shape {shape} ({shape[-1] if shape else 0} channels); give an IMAGE (B, H, W, C) with H and W above 0 and "
                                  "1, 3 or 4 channels (grey, RGB, RGBA)")
         elif kind == "MASK" and value.numel() == 0:
             raise ValueError(f"{name} is empty (shape {tuple(value.shape)}); give a mask of at least 1x1 or "

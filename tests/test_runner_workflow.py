@@ -182,3 +182,18 @@ def test_checkpoint_by_path_and_hf_spec(world, monkeypatch) -> None:
     assert fetched == [("owner/repo", "sub/model.safetensors")]
     with pytest.raises(ValueError, match="hf://OWNER/REPO/FILE"):
         files.resolve_model("checkpoints", "hf://owner/model.safetensors", paths)
+
+
+def test_comfyui_is_found_by_comfyui_path_and_asking_for_it_without_one_is_an_error(world, monkeypatch) -> None:
+    from zeroconv.nodes.host import comfyui_root
+
+    base, paths, tmp_path = world
+    monkeypatch.delenv("COMFYUI_PATH", raising=False)
+    assert comfyui_root() is None
+    with pytest.raises(ValueError, match="no ComfyUI found"):
+        run_workflow(_write(tmp_path, _workflow(with_control=False)), paths, host="comfyui")
+    (tmp_path / "ComfyUI" / "comfy").mkdir(parents=True)
+    (tmp_path / "ComfyUI" / "comfy" / "controlnet.py").write_text("")
+    (tmp_path / "ComfyUI" / "execution.py").write_text("")
+    monkeypatch.setenv("COMFYUI_PATH", str(tmp_path / "ComfyUI"))
+    assert comfyui_root() == tmp_path / "ComfyUI"

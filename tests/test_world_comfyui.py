@@ -106,4 +106,5 @@ def test_demo_world_workflow_draws_the_same_picture_in_comfyui(world_files: dict
     offline = np.asarray(Image.open(result.saved[0]).convert("RGB")).astype(int)
     to_with, to_without = (np.abs(offline - theirs[k].astype(int)).mean() for k in ("with", "without"))
     print(f"offline vs ComfyUI: mean |diff| {to_with:.2f} (with control), {to_without:.2f} (without)")
-    assert offline.shape == (64, 64, 3) and to_with < to_without  # the library's DDIM draws ComfyUI's picture
+    # the library's DDIM draws ComfyUI's picture (measured: mean |diff| 0.02 of 255; 0.40 to the uncontrolled one)
+    assert offline.shape == (64, 64, 3) and to_with < 0.2 and to_with < to_without

@@ -8,7 +8,6 @@ ComfyUI's other samplers is the job of running in ComfyUI (`zeroconv run` does w
 """
 from __future__ import annotations
 
-import hashlib
 import logging
 import random
 import string
@@ -222,10 +221,6 @@ class LoadImage:
 
     def load_image(self, image: str) -> tuple:
         return files.load_image(files.resolve_image(image))
-
-    @classmethod
-    def IS_CHANGED(cls, image: str) -> str:
-        return hashlib.sha256(files.resolve_image(image).read_bytes()).hexdigest()
 
     @classmethod
     def VALIDATE_INPUTS(cls, image: str) -> bool | str:

@@ -24,7 +24,7 @@ def comfy_available() -> bool:
 
 def comfyui_root() -> Path | None:
     """A ComfyUI checkout to run in: the one this pack is installed in (custom_nodes/<pack>), else COMFYUI_PATH."""
-    installed = Path(__file__).resolve().parents[3]
+    installed = Path(__file__).resolve().parents[4]  # ComfyUI/custom_nodes/<pack>/nodes/host
     for root in (installed, Path(os.environ[COMFYUI_PATH_ENV]) if os.environ.get(COMFYUI_PATH_ENV) else None):
         if root is not None and (root / "comfy" / "controlnet.py").is_file() and (root / "execution.py").is_file():
             return root

@@ -169,6 +169,14 @@ class ControlSettings:
                 raise ValueError(f"mask must be (H, W), (B, H, W) or (B, 1, H, W), got shape {tuple(self.mask.shape)}")
             object.__setattr__(self, "mask", mask)
 
+    def percent_in(self, progress: tuple[float, float]) -> float | None:
+        """A step's progress interval (progress_at) as this control sees it: clamped into its range, or None when
+        the step is outside it (the gate: start <= high and low <= end, ComfyUI's sigma gate with ties)."""
+        low, high = progress
+        if high < self.start_percent or low > self.end_percent:
+            return None
+        return min(max(low, self.start_percent), self.end_percent)
+
     def strength_at(self, percent: float) -> float:
         """Effective strength at a point of sampling; 0 outside the step range."""
         if not self.start_percent <= percent <= self.end_percent:
@@ -259,24 +267,26 @@ def compute_residuals(units: Sequence[ControlUnit], x: torch.Tensor, timesteps: 
 
 
 # ---- one model call of a host sampler ------------------------------------------------------------------
-def progress_at(sigma: float, percent_to_sigma: Callable[[float], float], iterations: int = 40) -> float:
-    """Sampling progress (0 = first step, 1 = last) of a sigma: the inverse of the host's `percent_to_sigma`.
+def progress_at(sigma: float, percent_to_sigma: Callable[[float], float], iterations: int = 40) -> tuple[float, float]:
+    """Sampling progress (0 = first step, 1 = last) of a sigma: the inverse of the host's `percent_to_sigma`, as
+    the interval (low, high) of progress whose sigma is `sigma` (zero-width but for float ties).
 
     The step range has one representation, progress: it is what users set (start/end percent) and what strength
     schedules are keyed by. The host's sampler speaks sigma, and ComfyUI gates its own ControlNets with
     `percent_to_sigma(start) >= sigma >= percent_to_sigma(end)` (comfy/controlnet.py ControlNet.get_control).
-    Inverting that same (decreasing) function by bisection gives a progress that gates exactly as core does, for
-    any model sampling (discrete, EDM, flow; comfy/model_sampling.py), with no step count or timestep table
-    hard-coded here. Once per step; 40 halvings are below float precision.
+    Inverting that same (decreasing) function by bisection, ties included (ComfyUI's `normal` schedule lands
+    exactly on percent_to_sigma(0.2) in 6 steps), gives a progress that gates exactly as core does
+    (`ControlSettings.percent_in`), for any model sampling (discrete, EDM, flow; comfy/model_sampling.py), with no
+    step count or timestep table hard-coded here. Once per step; 40 halvings are below float precision.
     """
-    low, high = 0.0, 1.0
-    for _ in range(iterations):
-        middle = (low + high) / 2
-        if percent_to_sigma(middle) > sigma:
-            low = middle
-        else:
-            high = middle
-    return high
+    def first(passes: Callable[[float], bool]) -> float:  # smallest progress where passes() holds
+        low, high = 0.0, 1.0
+        for _ in range(iterations):
+            middle = (low + high) / 2
+            low, high = (low, middle) if passes(middle) else (middle, high)
+        return high
+
+    return first(lambda p: percent_to_sigma(p) <= sigma), first(lambda p: percent_to_sigma(p) < sigma)
 
 
 def broadcast_batch(tensor: torch.Tensor, batch: int, batched_number: int, what: str) -> torch.Tensor:
@@ -330,7 +340,7 @@ class HostStep:
     timesteps: torch.Tensor  # (B,) U-Net timesteps
     context: torch.Tensor  # (B, T, D) cross-attention context
     y: torch.Tensor | None  # (B, adm) SDXL ADM vector, or None
-    percent: float  # sampling progress of this step (progress_at)
+    progress: tuple[float, float]  # sampling progress of this step (progress_at)
     batched_number: int  # chunks in the batch (cond, uncond)
     rows: torch.Tensor | None  # (B,) True on conditional rows; None when every row is conditional
     like: torch.Tensor  # the host's noisy latent: device of the returned residuals
@@ -368,7 +378,7 @@ def controlnet_residuals(unit: ControlUnit, step: HostStep) -> dict | None:
     rows = None if step.rows is None else step.rows.to(device)
     with torch.no_grad():
         out = run_control(unit, step.x.to(device), step.timesteps.to(device), step.context.to(device), y,
-                          step.percent, rows)
+                          unit.settings.percent_in(step.progress), rows)
     return as_host_dict(out, step.like)
 
 

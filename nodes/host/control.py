@@ -95,7 +95,7 @@ class _Run:
     percent_to_sigma: Callable[[float], float]
     hosts: dict[int, Any]  # part index -> the host control prepared for this run
     units: dict[tuple, Any] = field(default_factory=dict)  # prepared units (fitted, broadcast, encoded hints)
-    percents: dict[float, float] = field(default_factory=dict)  # sigma -> sampling progress
+    progress: dict[float, tuple[float, float]] = field(default_factory=dict)  # sigma -> sampling progress
 
 
 class HostFreeControlBase:
@@ -200,15 +200,16 @@ class ZeroConvControl:
             raise RuntimeError("get_control was called before pre_run; the sampler must call pre_run(model, "
                                "percent_to_sigma) once before sampling")
         sigma = float(t[0])
-        if sigma not in run.percents:
-            run.percents[sigma] = progress_at(sigma, run.percent_to_sigma)
-        percent = run.percents[sigma]
-        active = [(i, p) for i, p in enumerate(self.parts) if p.settings.strength_at(percent) != 0.0]
+        if sigma not in run.progress:
+            run.progress[sigma] = progress_at(sigma, run.percent_to_sigma)
+        progress = run.progress[sigma]
+        active = [(i, p) for i, p in enumerate(self.parts)
+                  if (percent := p.settings.percent_in(progress)) is not None and p.settings.strength_at(percent)]
         if not active:  # outside every part's step range, or at strength 0: no forward at all
             return previous
         ms = run.model_sampling
         step = HostStep(ms.calculate_input(t, x_noisy), ms.timestep(t), cond.get("crossattn_controlnet",
-                        cond["c_crossattn"]), cond.get("y"), percent, batched_number,
+                        cond["c_crossattn"]), cond.get("y"), progress, batched_number,
                         cond_rows(transformer_options.get("cond_or_uncond"), x_noisy.shape[0]), x_noisy)
         ours = None
         for index, part in active:
@@ -284,7 +285,8 @@ class ZeroConvControl:
         if mask is not None:
             mask = broadcast_batch(mask.to(x.device), step.like.shape[0], step.batched_number, f"{part.name}'s mask")
             mask = mask if rows is None or mask.shape[0] == 1 else mask[rows]
-        multiplier = settings.schedule(step.percent) if settings.schedule is not None else 1.0  # strength: applied
+        percent = settings.percent_in(step.progress)
+        multiplier = settings.schedule(percent) if settings.schedule is not None else 1.0  # strength: applied
         out = scale_output(as_residuals(control), settings.mode, multiplier, mask)
         if rows is not None:
             where = rows.nonzero()[:, 0]

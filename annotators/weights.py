@@ -28,7 +28,7 @@ DIR_ENV = "ZEROCONV_ANNOTATOR_DIR"
 OFFLINE_ENVS = ("ZEROCONV_OFFLINE", "HF_HUB_OFFLINE")
 _CHUNK = 1 << 20
 
-# Folders the host (ComfyUI) keeps annotator weights in; set by nodes/host_models.py around model loading.
+# Folders the host (ComfyUI) keeps annotator weights in; set by nodes/host/models.py around model loading.
 _HOST_DIRS: contextvars.ContextVar[tuple[Path, ...]] = contextvars.ContextVar("zeroconv_host_weight_dirs", default=())
 _VERIFIED: set[tuple[str, int, int]] = set()  # (path, size, mtime) already hashed in this process
 

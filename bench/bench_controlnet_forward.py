@@ -78,7 +78,7 @@ def measure(device: torch.device, timer: Callable[[Callable[[], object], int], f
     from zeroconv.controlnet_model.accelerate import accelerate
     from zeroconv.controlnet_model.checkpoint import export_diffusers
     from zeroconv.nodes.apply import ZeroConvApplyControlNet
-    from zeroconv.nodes.comfy_adapter import ControlPart, make_control
+    from zeroconv.nodes.host.control import ControlPart, make_control
 
     torch.manual_seed(0)
     ours = ControlNet(preset(preset_name)).eval()

@@ -43,12 +43,10 @@ def main() -> int:
     from zeroconv.nodes.apply import ZeroConvApplyControlNet, ZeroConvStrengthSchedule
     from zeroconv.nodes.compose import ZeroConvComposeControlNets, ZeroConvControlUnit
     from zeroconv.nodes.loaders import ZeroConvLoadControlNet
-    from zeroconv.workflow_runner.host import BaseModel, ModelPatcher
-    from zeroconv.workflow_runner.sampling import common_ksampler
+    from zeroconv.workflow_runner.offline import sample
 
     torch.set_num_threads(1)
     base = ToyBase()
-    model = ModelPatcher(BaseModel(base), load_device=torch.device("cpu"))
     folder = Path(tempfile.mkdtemp())
     save_controlnet(toy_controlnet(base), folder / "toy.safetensors")
     save_controlnet(toy_controlnet(base, seed=8), folder / "toy2.safetensors")
@@ -74,7 +72,7 @@ def main() -> int:
             pos, neg = ZeroConvApplyControlNet().apply(positive, negative, control, image, 1.0, 0.0, 1.0, mask=mask,
                                                        schedule=schedule)
             pos, neg = ZeroConvApplyControlNet().apply(pos, neg, composed, image, 1.0, 0.0, 1.0)
-            common_ksampler(model, cycle, 2, 5.0, "euler", "normal", pos, neg, {"samples": torch.zeros(1, 4, 8, 8)})
+            sample(base, cycle, 2, 5.0, pos, neg, torch.zeros(1, 4, 8, 8))
             made.append(weakref.ref(pos[0][1]["control"]))
             del control, other, stack, composed, pos, neg
             if cycle in (100, args.cycles) or cycle % 250 == 0:

@@ -188,14 +188,19 @@ def detect_format(keys_or_state: Iterable[str] | Mapping[str, Any]) -> Checkpoin
     raise ValueError(f"unknown checkpoint layout: no format's marker keys are all present (looked for {looked})")
 
 
-def infer_config(state: Mapping[str, torch.Tensor]) -> ControlNetConfig:
-    """Architecture from LDM key names and shapes (controlnet-formats.md §2.2); meta tensors suffice."""
-    missing = [k for k in ("input_blocks.0.0.weight", "input_hint_block.0.weight", "zero_convs.0.0.weight")
-               if k not in state]
-    if missing:
-        raise KeyError(f"cannot infer the architecture: {missing} missing (not a complete LDM ControlNet)")
+def infer_ldm_config(state: Mapping[str, torch.Tensor], n_in: int | None = None) -> ControlNetConfig:
+    """The encoder architecture an LDM U-Net and its ControlNet share, from key names and shapes (prefix stripped;
+    meta tensors suffice): widths, levels, res blocks, attention depths, context, ADM, input channels.
+
+    n_in: the number of input blocks (a ControlNet counts its zero convs); counted from `input_blocks` if None.
+    Heads: SD1.x (768 context, conv projections) has 8 heads, SD2.x and SDXL 64-wide heads
+    (ldm/modules/attention.py SpatialTransformer in each family's model yaml).
+    """
     mc, in_ch = state["input_blocks.0.0.weight"].shape[:2]
-    n_in = _count(state, "zero_convs.{n}.0.weight")  # one zero conv per input block
+    if n_in is None:
+        n_in = 1
+        while any(f"input_blocks.{n_in}.0.{s}" in state for s in ("op.weight", "in_layers.0.weight")):
+            n_in += 1
     downs = [i for i in range(n_in) if f"input_blocks.{i}.0.op.weight" in state]
     levels = len(downs) + 1
     res = (n_in - 1 - len(downs)) // levels
@@ -209,15 +214,25 @@ def infer_config(state: Mapping[str, torch.Tensor]) -> ControlNetConfig:
     adm = state["label_emb.0.0.weight"].shape[1] if "label_emb.0.0.weight" in state else None
     context_dim = context[0] if context else (2048 if adm else 768)  # no cross-attention (SDXL small): by ADM
     linear = proj_in[0] == 2 if proj_in else bool(adm)
-    sd1_heads = not linear and context_dim == 768  # SD1.x: 8 heads; SD2.x/SDXL: 64-wide heads (§2.2)
+    sd1_heads = not linear and context_dim == 768
     return ControlNetConfig(
         family=FAMILY_BY_CONTEXT_DIM.get(context_dim, f"custom (context {context_dim})"), model_channels=mc,
         channel_mult=tuple(mult), num_res_blocks=res, transformer_depth=tuple(depth),
         transformer_depth_middle=_attention_depth(state, "middle_block.1."), context_dim=context_dim,
         num_heads=8 if sd1_heads else -1, num_head_channels=-1 if sd1_heads else min(64, mc),
-        use_linear_in_transformer=linear, adm_in_channels=adm, in_channels=in_ch,
-        hint_channels=state["input_hint_block.0.weight"].shape[1],
-        hint_block_channels=tuple(state[f"input_hint_block.{i}.weight"].shape[0] for i in (0, 4, 8, 12)))
+        use_linear_in_transformer=linear, adm_in_channels=adm, in_channels=in_ch)
+
+
+def infer_config(state: Mapping[str, torch.Tensor]) -> ControlNetConfig:
+    """A ControlNet's architecture from LDM key names and shapes: the shared encoder, plus its hint encoder."""
+    missing = [k for k in ("input_blocks.0.0.weight", "input_hint_block.0.weight", "zero_convs.0.0.weight")
+               if k not in state]
+    if missing:
+        raise KeyError(f"cannot infer the architecture: {missing} missing (not a complete LDM ControlNet)")
+    config = infer_ldm_config(state, _count(state, "zero_convs.{n}.0.weight"))  # one zero conv per input block
+    return config.replace(hint_channels=state["input_hint_block.0.weight"].shape[1],
+                          hint_block_channels=tuple(state[f"input_hint_block.{i}.weight"].shape[0]
+                                                    for i in (0, 4, 8, 12)))
 
 
 def _attention_depth(state: Mapping[str, Any], prefix: str) -> int | None:

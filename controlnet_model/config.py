@@ -148,7 +148,7 @@ PRESETS: dict[str, dict[str, Any]] = {
                       transformer_depth=(None, 1, 2), transformer_depth_middle=2, context_dim=64, num_heads=-1,
                       num_head_channels=16, use_linear_in_transformer=True, adm_in_channels=40,
                       hint_block_channels=(16, 16, 32, 32)),
-    # the demo world's base (training/world_base.py): 64 px images as 8x8 pixel-unshuffled 192-channel latents
+    # the demo world's base (demo/world_base.py): 64 px images as 8x8 pixel-unshuffled 192-channel latents
     "world": dict(family="ZeroConv world", model_channels=64, channel_mult=(1, 2), num_res_blocks=1,
                   transformer_depth=(None, 1), transformer_depth_middle=1, context_dim=64, num_heads=4,
                   in_channels=48, out_channels=48, hint_block_channels=(16, 32, 64, 128)),

@@ -1,4 +1,4 @@
-"""diffusers' ControlNetModel config.json <-> ControlNetConfig (controlnet-formats.md §2.3, config notes).
+"""diffusers' ControlNetModel config.json <-> ControlNetConfig (diffusers models/controlnets/controlnet.py ControlNetModel.__init__ arguments).
 
 Key renames live in keymaps.LDM_DIFFUSERS_RULES and are applied by checkpoint.py; this module only translates
 the parts of the architecture that are not in the weights (head counts, pooling, the SDXL size embedding) and

@@ -59,3 +59,38 @@ def image_to_hint(image: torch.Tensor, channels: int = 3) -> torch.Tensor:
     if not torch.isfinite(hint).all():
         raise ValueError("the control image contains NaN or infinite values; check the node that made it")
     return hint.clamp(0.0, 1.0)
+
+
+LATENT_SCALE = 8  # image pixels per latent cell for SD VAEs (ComfyUI's ControlBase.compression_ratio)
+
+
+def centre_crop(image: torch.Tensor, aspect: float) -> torch.Tensor:
+    """(..., H, W) cut symmetrically to width/height = aspect (comfy/utils.py common_upscale, crop="center")."""
+    h, w = image.shape[-2:]
+    ratio = aspect / (w / h)
+    if ratio < 1:
+        left = round((w - w * ratio) / 2)
+        return image[..., :, left:w - left]
+    if ratio > 1:
+        top = round((h - h / ratio) / 2)
+        return image[..., top:h - top, :]
+    return image
+
+
+def fit_to_latent(image: torch.Tensor, latent_h: int, latent_w: int, fit: HintFit) -> torch.Tensor:
+    """(B, C, H, W) -> (B, C, 8h, 8w). crop_and_resize is ComfyUI core's fit (centre crop to the target aspect,
+    then nearest-exact, comfy/controlnet.py ControlNet.get_control), so balanced mode gives core's result."""
+    height, width = latent_h * LATENT_SCALE, latent_w * LATENT_SCALE
+    fit = HintFit(fit)
+    if fit is HintFit.CROP_AND_RESIZE:
+        image, fit = centre_crop(image, width / height), HintFit.RESIZE
+    return fit_hint(image, height, width, fit, mode="nearest-exact")
+
+
+def hint_channels(hint: torch.Tensor, channels: int, name: str) -> torch.Tensor:
+    """A (B, C, H, W) hint with the channel count a control model wants (RGB averaged to grey for 1)."""
+    if hint.shape[1] == channels:
+        return hint
+    if channels == 1:
+        return hint.mean(dim=1, keepdim=True)
+    raise ValueError(f"{name} wants {channels}-channel hints but the control image has {hint.shape[1]} channels")

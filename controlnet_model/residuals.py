@@ -11,9 +11,10 @@ duration of a `with` block.
 from __future__ import annotations
 
 import contextlib
-from dataclasses import dataclass, field
+import logging
+from dataclasses import dataclass, field, replace
 from enum import Enum
-from typing import Any, Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -21,8 +22,11 @@ from torch import nn
 
 from .blocks import timestep_embedding
 from .config import ControlNetConfig, check_compatible
+from .hint import HintFit, fit_to_latent, hint_channels
 from .network import ControlNet, ControlNetOutput
 from .schedule import StrengthSchedule
+
+logger = logging.getLogger(__name__)
 
 
 # ---- walking the U-Net ---------------------------------------------------------------------------------
@@ -165,6 +169,14 @@ class ControlSettings:
                 raise ValueError(f"mask must be (H, W), (B, H, W) or (B, 1, H, W), got shape {tuple(self.mask.shape)}")
             object.__setattr__(self, "mask", mask)
 
+    def percent_in(self, progress: tuple[float, float]) -> float | None:
+        """A step's progress interval (progress_at) as this control sees it: clamped into its range, or None when
+        the step is outside it (the gate: start <= high and low <= end, ComfyUI's sigma gate with ties)."""
+        low, high = progress
+        if high < self.start_percent or low > self.end_percent:
+            return None
+        return min(max(low, self.start_percent), self.end_percent)
+
     def strength_at(self, percent: float) -> float:
         """Effective strength at a point of sampling; 0 outside the step range."""
         if not self.start_percent <= percent <= self.end_percent:
@@ -252,3 +264,132 @@ def compute_residuals(units: Sequence[ControlUnit], x: torch.Tensor, timesteps: 
         if out is not None:
             total = out if total is None else total + out
     return total
+
+
+# ---- one model call of a host sampler ------------------------------------------------------------------
+def progress_at(sigma: float, percent_to_sigma: Callable[[float], float], iterations: int = 40) -> tuple[float, float]:
+    """Sampling progress (0 = first step, 1 = last) of a sigma: the inverse of the host's `percent_to_sigma`, as
+    the interval (low, high) of progress whose sigma is `sigma` (zero-width but for float ties).
+
+    The step range has one representation, progress: it is what users set (start/end percent) and what strength
+    schedules are keyed by. The host's sampler speaks sigma, and ComfyUI gates its own ControlNets with
+    `percent_to_sigma(start) >= sigma >= percent_to_sigma(end)` (comfy/controlnet.py ControlNet.get_control).
+    Inverting that same (decreasing) function by bisection, ties included (ComfyUI's `normal` schedule lands
+    exactly on percent_to_sigma(0.2) in 6 steps), gives a progress that gates exactly as core does
+    (`ControlSettings.percent_in`), for any model sampling (discrete, EDM, flow; comfy/model_sampling.py), with no
+    step count or timestep table hard-coded here. Once per step; 40 halvings are below float precision.
+    """
+    def first(passes: Callable[[float], bool]) -> float:  # smallest progress where passes() holds
+        low, high = 0.0, 1.0
+        for _ in range(iterations):
+            middle = (low + high) / 2
+            low, high = (low, middle) if passes(middle) else (middle, high)
+        return high
+
+    return first(lambda p: percent_to_sigma(p) <= sigma), first(lambda p: percent_to_sigma(p) < sigma)
+
+
+def broadcast_batch(tensor: torch.Tensor, batch: int, batched_number: int, what: str) -> torch.Tensor:
+    """A per-latent tensor (images, masks) to a batch of `batched_number` chunks (cond, uncond), as ComfyUI
+    does (comfy/utils.py broadcast_image_to): one is broadcast; otherwise cut or repeated to a chunk and tiled.
+    A count that is not one per latent is fixed that way, and logged."""
+    if tensor.shape[0] == 1:
+        return tensor
+    per_chunk = batch // batched_number
+    if tensor.shape[0] != per_chunk:
+        logger.warning("%s has a batch of %d but there are %d latents: %s", what, tensor.shape[0], per_chunk,
+                       "the extra ones are not used" if tensor.shape[0] > per_chunk else "it is repeated")
+    reps = -(-per_chunk // tensor.shape[0])
+    chunk = tensor.repeat(reps, *([1] * (tensor.ndim - 1)))[:per_chunk]
+    return chunk.repeat(batched_number, *([1] * (tensor.ndim - 1)))
+
+
+def cond_rows(cond_or_uncond: Sequence[int] | None, batch: int) -> torch.Tensor | None:
+    """(B,) True on rows of positive conds (ComfyUI's cond_or_uncond 0), one chunk per entry; None if unknown."""
+    if not cond_or_uncond:
+        return None
+    return torch.tensor([c == 0 for c in cond_or_uncond]).repeat_interleave(batch // len(cond_or_uncond))
+
+
+def as_host_dict(out: ControlNetOutput | None, like: torch.Tensor) -> dict | None:
+    """Our typed output as ComfyUI's control dict; fresh lists, since the U-Net pops them
+    (comfy/ldm/modules/diffusionmodules/openaimodel.py apply_control)."""
+    if out is None:
+        return None
+    return {"input": [], "middle": [out.mid.to(like.device)], "output": [r.to(like.device) for r in out.down]}
+
+
+def merge_controls(ours: dict | None, previous: dict | None) -> dict | None:
+    """Element-wise sum of two host control dicts (ComfyUI's ControlBase.control_merge, without in-place edits)."""
+    if ours is None or previous is None:
+        return ours if previous is None else previous
+    merged = {}
+    for key in ("input", "middle", "output"):
+        a, b = list(ours.get(key) or []), list(previous.get(key) or [])
+        n = max(len(a), len(b))
+        a, b = a + [None] * (n - len(a)), b + [None] * (n - len(b))
+        merged[key] = [y if x is None else x if y is None else x + y for x, y in zip(a, b)]
+    return merged
+
+
+@dataclass(frozen=True)
+class HostStep:
+    """One model call of a host sampler, as a control model needs it (U-Net inputs, already scaled)."""
+
+    x: torch.Tensor  # (B, C, h, w) U-Net input (the host's calculate_input of the noisy latent)
+    timesteps: torch.Tensor  # (B,) U-Net timesteps
+    context: torch.Tensor  # (B, T, D) cross-attention context
+    y: torch.Tensor | None  # (B, adm) SDXL ADM vector, or None
+    progress: tuple[float, float]  # sampling progress of this step (progress_at)
+    batched_number: int  # chunks in the batch (cond, uncond)
+    rows: torch.Tensor | None  # (B,) True on conditional rows; None when every row is conditional
+    like: torch.Tensor  # the host's noisy latent: device of the returned residuals
+
+
+@dataclass(frozen=True)
+class ControlKind:
+    """How one family of control models runs under a host sampler: `prepare` once per latent shape of a run
+    (fit, broadcast, encode the hint), `residuals` at every model call (a host control dict or None)."""
+
+    prepare: Callable[[Any, torch.Tensor, ControlSettings, HintFit, torch.Tensor, int, str], ControlUnit]
+    residuals: Callable[[ControlUnit, HostStep], dict | None]
+
+
+def prepare_controlnet(controlnet: Any, image: torch.Tensor, settings: ControlSettings, fit: HintFit,
+                       latent: torch.Tensor, batched_number: int, name: str) -> ControlUnit:
+    """A ControlNet's unit for one latent shape: hint fitted to 8x the latent, its channels, broadcast to the
+    batch, encoded once (the hint block is the same at every step)."""
+    device = next(controlnet.parameters()).device
+    hint = fit_to_latent(image.to(device, torch.float32), latent.shape[-2], latent.shape[-1], fit)
+    hint = hint_channels(hint, controlnet.config.hint_channels, name)
+    hint = broadcast_batch(hint, latent.shape[0], batched_number, f"{name}'s control image")
+    if settings.mask is not None:
+        mask = broadcast_batch(settings.mask.to(device), latent.shape[0], batched_number, f"{name}'s mask")
+        settings = replace(settings, mask=mask)
+    with torch.no_grad():
+        encoded = controlnet.encode_hint(hint.to(controlnet.dtype))
+    return ControlUnit(controlnet, hint, settings, encoded)
+
+
+def controlnet_residuals(unit: ControlUnit, step: HostStep) -> dict | None:
+    """A ControlNet's residuals at one model call, keyed as ComfyUI's U-Net consumes them ('output', 'middle')."""
+    device = unit.encoded_hint.device
+    y = None if step.y is None else step.y.to(device)
+    rows = None if step.rows is None else step.rows.to(device)
+    with torch.no_grad():
+        out = run_control(unit, step.x.to(device), step.timesteps.to(device), step.context.to(device), y,
+                          unit.settings.percent_in(step.progress), rows)
+    return as_host_dict(out, step.like)
+
+
+# Control model families by class: a new family (union ControlNet, T2I-Adapter, DiT ControlNets) adds one entry.
+CONTROL_KINDS: dict[type, ControlKind] = {ControlNet: ControlKind(prepare_controlnet, controlnet_residuals)}
+
+
+def control_kind(model: Any) -> ControlKind:
+    """The ControlKind of a control model (its class or nearest registered base class)."""
+    for cls in type(model).__mro__:
+        if cls in CONTROL_KINDS:
+            return CONTROL_KINDS[cls]
+    raise TypeError(f"{type(model).__name__} is not a control model ZeroConv can run; known: "
+                    f"{', '.join(c.__name__ for c in CONTROL_KINDS)}")

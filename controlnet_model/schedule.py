@@ -1,6 +1,8 @@
 """Strength over the course of sampling: keyframes of (percent, multiplier), as Advanced-ControlNet offers."""
 from __future__ import annotations
 
+import math
+
 from dataclasses import dataclass
 from enum import Enum
 
@@ -24,8 +26,8 @@ class StrengthSchedule:
         for p, m in frames:
             if not 0.0 <= p <= 1.0:
                 raise ValueError(f"keyframe percent {p} is outside 0..1")
-            if m < 0.0:
-                raise ValueError(f"keyframe multiplier {m} at {p} is negative")
+            if not math.isfinite(m) or m < 0.0:
+                raise ValueError(f"keyframe multiplier {m} at {p} must be a finite number >= 0, e.g. '{p}:0.5'")
         percents = [p for p, _ in frames]
         if percents != sorted(percents) or len(set(percents)) != len(percents):
             raise ValueError(f"keyframe percents must be strictly increasing, got {percents}")

@@ -16,14 +16,14 @@ import numpy as np
 import torch
 
 from ..controlnet_model.network import ControlNet
+from . import MODELS_DIR
 from ..training.base import LockedBase, load_base
 from ..training.fidelity import iou
 from ..training.schedule import ddim_sample
-from ..training.world import ShapeSpec, colours_match, random_specs, render_outline, segment_shape, shape_mask
+from .world import ShapeSpec, colours_match, random_specs, render_outline, segment_shape, shape_mask
 
 logger = logging.getLogger(__name__)
 
-MODELS_DIR = Path(__file__).resolve().parent.parent / "models"
 BASE_FILE = MODELS_DIR / "world_base.safetensors"
 CONTROLNET_FILE = MODELS_DIR / "world_controlnet.safetensors"
 DEFAULT_SEED = 2024  # demo outlines; the shipped models were trained on seeds 0 and 1

@@ -14,7 +14,7 @@ import torch
 from ..annotators.common import DETECT_RESOLUTION_MAX, AnnotatorSpec, ParamSpec
 from ..annotators.registry import ANNOTATORS, annotate_with_keypoints
 from .common import CATEGORY
-from .host_models import HostModels
+from .host.models import HostModels
 
 ANNOTATOR_CATEGORY = f"{CATEGORY}/annotators"
 SEED_MAX = 0xFFFFFFFFFFFFFFFF

@@ -11,8 +11,8 @@ from typing import Any
 import torch
 
 from ..controlnet_model.schedule import StrengthSchedule
-from .comfy_adapter import as_control
-from .common import CATEGORY, control_widgets, host_image_to_hint, settings_from_inputs
+from .host.control import as_control
+from .common import CATEGORY, check_inputs, control_widgets, host_image_to_hint, settings_from_inputs
 
 
 def attach_control(positive: list, negative: list, control: Any) -> tuple[list, list]:
@@ -71,6 +71,8 @@ class ZeroConvApplyControlNet:
               start_percent: float, end_percent: float, control_mode: str = "balanced", fit: str = "crop_and_resize",
               accelerate: str = "none", vae: Any = None, mask: torch.Tensor | None = None,
               schedule: StrengthSchedule | None = None) -> tuple:
+        check_inputs(type(self), image=image, strength=strength, start_percent=start_percent,
+                     end_percent=end_percent, mask=mask)
         if strength == 0.0:
             return (positive, negative)
         settings = settings_from_inputs(strength, start_percent, end_percent, control_mode, mask, schedule)
@@ -94,7 +96,10 @@ class ZeroConvStrengthSchedule:
                              "interpolation": (["hold", "linear"], {"default": "hold"})}}
 
     def build(self, keyframes: str, interpolation: str) -> tuple:
-        return (StrengthSchedule.parse(keyframes, interpolation),)
+        try:
+            return (StrengthSchedule.parse(keyframes, interpolation),)
+        except ValueError as exc:
+            raise ValueError(f"keyframes: {exc}") from None
 
 
 NODE_CLASS_MAPPINGS = {"ZeroConvApplyControlNet": ZeroConvApplyControlNet,

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import logging
+import math
 import re
 from pathlib import Path
 
@@ -11,16 +12,15 @@ from ..controlnet_model.accelerate import Acceleration
 from ..controlnet_model.hint import HintFit, image_to_hint
 from ..controlnet_model.residuals import ControlMode, ControlSettings
 from ..controlnet_model.schedule import StrengthSchedule
-from .comfy_adapter import controlnet_folder_paths, host_controlnet_names
+from .host import folders
+from .host.folders import PACKAGE_MODELS
 
 logger = logging.getLogger(__name__)
 
 CATEGORY = "ZeroConv"
-WEIGHT_SUFFIXES = (".safetensors", ".sft", ".pth", ".pt", ".ckpt", ".bin")
 MODES = [m.value for m in ControlMode]
 FITS = [f.value for f in HintFit]
 ACCELERATIONS = [a.value for a in Acceleration]
-PACKAGE_MODELS = Path(__file__).resolve().parent.parent / "models"  # the demo world's shipped files
 PACKAGED_CONTROLNETS = "*controlnet*.safetensors"  # which of them are ControlNets (offered after the host's)
 
 
@@ -43,6 +43,30 @@ def control_widgets() -> dict:
     }
 
 
+def check_inputs(node: type, **values: object) -> None:
+    """Validate a node's numeric, image and mask inputs before any work, by its INPUT_TYPES declaration: numbers are
+    finite and inside the declared min/max, images are (B, H, W, C) with H, W > 0 and 1, 3 or 4 channels, masks are
+    not empty. The error names the input and says what to give."""
+    declared = {name: spec for section in ("required", "optional")
+                for name, spec in node.INPUT_TYPES().get(section, {}).items()}
+    for name, value in values.items():
+        if value is None:
+            continue
+        kind, options = declared[name][0], (declared[name][1] if len(declared[name]) > 1 else {})
+        if kind in ("INT", "FLOAT"):
+            low, high = options.get("min", -math.inf), options.get("max", math.inf)
+            if not isinstance(value, (int, float)) or not math.isfinite(value) or not low <= value <= high:
+                raise ValueError(f"{name} is {value!r}; give a number from {low} to {high}")
+        elif kind == "IMAGE":
+            shape = tuple(getattr(value, "shape", ()))
+            if len(shape) != 4 or shape[1] == 0 or shape[2] == 0 or shape[0] == 0 or shape[3] not in (1, 3, 4):
+                raise ValueError(f"{name} has shape {shape} ({shape[-1] if shape else 0} channels); give an IMAGE (B, H, W, C) with H and W above 0 and "
+                                 "1, 3 or 4 channels (grey, RGB, RGBA)")
+        elif kind == "MASK" and value.numel() == 0:
+            raise ValueError(f"{name} is empty (shape {tuple(value.shape)}); give a mask of at least 1x1 or "
+                             "disconnect it")
+
+
 def settings_from_inputs(strength: float, start_percent: float, end_percent: float, control_mode: str,
                          mask: torch.Tensor | None, schedule: StrengthSchedule | None) -> ControlSettings:
     """The library's settings from widget values; an empty mask is refused (it would silently disable the control)."""
@@ -50,16 +74,16 @@ def settings_from_inputs(strength: float, start_percent: float, end_percent: flo
         raise ValueError("the mask is all zero, so the ControlNet would do nothing; LoadImage gives an all-zero 64x64 "
                          "mask for images without transparency: paint the area to control transparent, or disconnect "
                          "the mask")
+    if start_percent > end_percent:
+        raise ValueError(f"start_percent {start_percent} is after end_percent {end_percent}; the control would never "
+                         "act: swap them")
     return ControlSettings(strength=strength, start_percent=start_percent, end_percent=end_percent,
                            mode=ControlMode(control_mode), mask=mask, schedule=schedule)
 
 
 def list_controlnets() -> list[str]:
     """File names (relative to each ControlNet folder, '/'-separated) for the loader's combo."""
-    names = host_controlnet_names()
-    if names is None:
-        names = sorted({n for f in controlnet_folder_paths() if Path(f).is_dir() for n in _weight_files(Path(f))})
-    return list(dict.fromkeys([*names, *_packaged_controlnets()]))
+    return list(dict.fromkeys([*folders.model_names("controlnet"), *_packaged_controlnets()]))
 
 
 def _packaged_controlnets() -> list[str]:
@@ -76,40 +100,35 @@ def resolve_controlnet(name: str) -> Path:
     """The file a workflow names. If it is not found as written: the file with the same normalised name, then
     the same name but another precision, then the native file whose metadata records that name or content hash.
     Which file was used is logged."""
-    folders = [Path(f) for f in controlnet_folder_paths()]
-    for folder in folders:
-        candidate = folder / name.replace("\\", "/")
-        if candidate.is_file():
-            return candidate
+    found = folders.find_model("controlnet", name)
+    if found is not None:
+        return found
+    dirs = folders.model_folders("controlnet")
     if name in _packaged_controlnets():
         return PACKAGE_MODELS / name
-    files = [folder / n for folder in folders if folder.is_dir() for n in _weight_files(folder)]
+    files = [folder / n for folder in dirs for n in folders.weight_files(folder)]
     for precision, why in ((True, "same name after normalising"), (False, "same name, other precision")):
         matches = [f for f in files if _normalise(f.name, precision) == _normalise(name, precision)]
         if matches:
             logger.warning("ControlNet %r not found as written; using %s (%s%s)", name, matches[0], why,
                            f"; other candidates: {[str(m) for m in matches[1:]]}" if len(matches) > 1 else "")
             return matches[0]
-    recorded = _find_by_metadata(name, folders)
+    recorded = _find_by_metadata(name, dirs)
     if recorded is not None:
         logger.warning("ControlNet %r not found by name; using %s (its metadata records that name or hash)",
                        name, recorded)
         return recorded
-    where = ", ".join(str(f) for f in folders) or "no ControlNet folder (set ZEROCONV_CONTROLNET_DIR outside ComfyUI)"
+    where = ", ".join(str(f) for f in dirs) or "no ControlNet folder (set ZEROCONV_CONTROLNET_DIR outside ComfyUI)"
     raise FileNotFoundError(f"ControlNet file {name!r} was not found in {where}; put the file there or pick another")
 
 
-def _weight_files(folder: Path) -> list[str]:
-    return sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.suffix in WEIGHT_SUFFIXES)
-
-
-def _find_by_metadata(name: str, folders: list[Path]) -> Path | None:
+def _find_by_metadata(name: str, dirs: list[Path]) -> Path | None:
     """A renamed native file: its metadata records the name it was saved as and its content hash."""
     from safetensors import safe_open
 
     wanted = Path(name.replace("\\", "/")).name
     stem = Path(wanted).stem.lower()
-    for folder in folders:
+    for folder in dirs:
         for path in sorted(folder.rglob("*.safetensors")) if folder.is_dir() else []:
             try:
                 with safe_open(str(path), framework="pt") as f:

@@ -12,8 +12,8 @@ from typing import Any
 import torch
 
 from ..controlnet_model.schedule import StrengthSchedule
-from .comfy_adapter import as_control, make_control
-from .common import CATEGORY, control_widgets, host_image_to_hint, settings_from_inputs
+from .host.control import as_control, make_control
+from .common import CATEGORY, check_inputs, control_widgets, host_image_to_hint, settings_from_inputs
 
 
 class ZeroConvControlUnit:
@@ -45,6 +45,8 @@ class ZeroConvControlUnit:
     def add(self, control_net: Any, image: torch.Tensor, strength: float, start_percent: float, end_percent: float,
             control_mode: str = "balanced", fit: str = "crop_and_resize", accelerate: str = "none", stack: tuple = (),
             mask: torch.Tensor | None = None, schedule: StrengthSchedule | None = None) -> tuple:
+        check_inputs(type(self), image=image, strength=strength, start_percent=start_percent,
+                     end_percent=end_percent, mask=mask)
         settings = settings_from_inputs(strength, start_percent, end_percent, control_mode, mask, schedule)
         control = as_control(control_net).applied(host_image_to_hint(image), settings, fit, None, accelerate)
         return (tuple(stack or ()) + tuple(part.as_unit() for part in control.parts),)

@@ -5,7 +5,7 @@ import logging
 from typing import Any
 
 from ..annotators.registry import suggest_annotator
-from .comfy_adapter import load_control
+from .host.control import load_control
 from .common import CATEGORY, list_controlnets, resolve_controlnet
 
 logger = logging.getLogger(__name__)

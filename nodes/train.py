@@ -1,7 +1,6 @@
 """Training node: a small ControlNet run inside ComfyUI, written where the loader finds it."""
 from __future__ import annotations
 
-import importlib.util
 import logging
 import os
 import shutil
@@ -9,48 +8,22 @@ from pathlib import Path
 from typing import Any
 
 from .common import CATEGORY
+from .host import folders
+from .host.models import progress_bar
 
 logger = logging.getLogger(__name__)
 
 MIXED_PRECISION = ["no", "bf16", "fp16"]
 
 
-def _comfy_folder(kind: str) -> list[str]:
-    """ComfyUI's folders of a model kind ("checkpoints", "controlnet"); none outside ComfyUI."""
-    if importlib.util.find_spec("folder_paths") is None:
-        return []
-    import folder_paths
-
-    return list(folder_paths.get_folder_paths(kind))
-
-
-def _checkpoint_names() -> list[str]:
-    if importlib.util.find_spec("folder_paths") is None:
-        return []
-    import folder_paths
-
-    return list(folder_paths.get_filename_list("checkpoints"))
-
-
 def _resolve_checkpoint(name: str) -> str:
     """A checkpoint name from the combo to its path (a path outside ComfyUI)."""
-    if importlib.util.find_spec("folder_paths") is not None:
-        import folder_paths
-
-        path = folder_paths.get_full_path("checkpoints", name)
-        if path:
-            return path
+    path = folders.find_model("checkpoints", name)
+    if path is not None:
+        return str(path)
     if Path(name).is_file():
         return name
     raise FileNotFoundError(f"base checkpoint {name!r} was not found in ComfyUI's checkpoints folder")
-
-
-def _output_root() -> Path:
-    if importlib.util.find_spec("folder_paths") is not None:
-        import folder_paths
-
-        return Path(folder_paths.get_output_directory()) / "zeroconv_training"
-    return Path(os.environ.get("ZEROCONV_TRAIN_OUTPUT", "output/zeroconv_training"))
 
 
 def _annotator_names() -> list[str]:
@@ -59,22 +32,12 @@ def _annotator_names() -> list[str]:
     return ["none", *sorted(ANNOTATORS)]
 
 
-def _progress_bar(total: int) -> Any:
-    """ComfyUI's progress bar for this node, or None outside ComfyUI."""
-    if importlib.util.find_spec("comfy") is None:
-        return None
-    import comfy.utils
-
-    return comfy.utils.ProgressBar(total)
-
-
 def publish(final: Path, name: str) -> Path:
     """Copy the trained file into the first ControlNet folder (atomic rename) so the loader lists it."""
-    folders = _comfy_folder("controlnet") or ([os.environ["ZEROCONV_CONTROLNET_DIR"]]
-                                              if os.environ.get("ZEROCONV_CONTROLNET_DIR") else [])
-    if not folders:
+    targets = folders.model_folders("controlnet")
+    if not targets:
         return final
-    target = Path(folders[0]) / f"{name}.safetensors"
+    target = targets[0] / f"{name}.safetensors"
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = target.with_name(f".{target.name}.tmp")
     shutil.copyfile(final, tmp)
@@ -96,7 +59,7 @@ class ZeroConvTrainControlNet:
     @classmethod
     def INPUT_TYPES(cls) -> dict:
         return {"required": {
-            "base_checkpoint": (_checkpoint_names(), {"tooltip": "SD1.x/SD2.x/SDXL checkpoint the ControlNet steers"}),
+            "base_checkpoint": (folders.model_names("checkpoints"), {"tooltip": "SD1.x/SD2.x/SDXL checkpoint the ControlNet steers"}),
             "data": ("STRING", {"default": "", "tooltip": "folder (image/, condition/, captions) or .jsonl file"}),
             "annotator": (_annotator_names(), {"tooltip": "make conditions from the images; none = given"}),
             "control_type": ("STRING", {"default": "", "tooltip": "stored in the file, e.g. canny"}),
@@ -124,9 +87,9 @@ class ZeroConvTrainControlNet:
                           max_steps=steps, lr=learning_rate, batch_size=batch_size, grad_accum=grad_accum,
                           resolution=resolution, mixed_precision=mixed_precision, seed=seed, num_workers=0,
                           gradient_checkpointing=gradient_checkpointing, output_name=output_name,
-                          output_dir=str(_output_root() / output_name), save_every=max(100, steps // 10),
+                          output_dir=str(folders.training_output_root() / output_name), save_every=max(100, steps // 10),
                           validate_every=max(100, steps // 10))
-        bar = _progress_bar(steps)
+        bar = progress_bar(steps)
         progress = (lambda step, total, info: bar.update_absolute(step, total)) if bar is not None else None
         with torch.inference_mode(False), torch.enable_grad():  # ComfyUI runs nodes under inference_mode
             result = train(cfg, progress=progress)

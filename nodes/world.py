@@ -4,21 +4,23 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ..training.world_base import load_world_base
-from .comfy_adapter import host_base_objects, host_model_folders
-from .common import CATEGORY, PACKAGE_MODELS
+from ..demo.world_base import load_world_base
+from .common import CATEGORY
+from .host import folders
+from .host.folders import PACKAGE_MODELS
+from .host.models import base_objects
 
 BASE_PATTERN = "*base*.safetensors"
 
 
 def _host_checkpoint_dirs() -> list[Path]:
-    return [Path(p) for p in host_model_folders("checkpoints") or []]
+    return folders.model_folders("checkpoints")
 
 
 def world_base_names() -> list[str]:
     """World bases shipped with the pack, then ComfyUI's checkpoints whose names say they are world bases."""
     names = [p.name for p in sorted(PACKAGE_MODELS.glob(BASE_PATTERN))]
-    names += [p.name for d in _host_checkpoint_dirs() if d.is_dir() for p in sorted(d.glob(f"world*{BASE_PATTERN}"))]
+    names += [p.name for d in _host_checkpoint_dirs() if d.is_dir() for p in sorted(d.glob(f"world{BASE_PATTERN}"))]
     return list(dict.fromkeys(names))
 
 
@@ -31,7 +33,7 @@ def resolve_world_base(name: str) -> Path:
         return Path(name).expanduser()
     raise FileNotFoundError(f"world base {name!r} not found in {PACKAGE_MODELS} or the checkpoints folder; the pack "
                             "ships models/world_base.safetensors (reinstall it), or train one with "
-                            "`python -m zeroconv.training.train_world_base`")
+                            "`python -m zeroconv.demo.train_world_base`")
 
 
 class ZeroConvLoadWorldBase:
@@ -63,7 +65,7 @@ class ZeroConvLoadWorldBase:
         return True
 
     def load(self, base_name: str) -> tuple:
-        return host_base_objects(load_world_base(resolve_world_base(base_name)))
+        return base_objects(load_world_base(resolve_world_base(base_name)))
 
 
 NODE_CLASS_MAPPINGS = {"ZeroConvLoadWorldBase": ZeroConvLoadWorldBase}

@@ -45,3 +45,20 @@ def run_in_comfyui(body: str, timeout: int = 600) -> dict[str, Any]:
                           timeout=timeout)
     assert done.returncode == 0, done.stderr[-3000:]
     return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def checkout_on_path() -> str:
+    """A folder holding a `zeroconv` link to this checkout, for ComfyUI's Python (which has no zeroconv installed)."""
+    import tempfile
+
+    folder = Path(tempfile.mkdtemp(prefix="zeroconv_path_"))
+    (folder / "zeroconv").symlink_to(REPO, target_is_directory=True)
+    return str(folder)
+
+
+def run_cli_in_comfyui(args: list[str], timeout: int = 600) -> subprocess.CompletedProcess:
+    """`zeroconv ARGS` in ComfyUI's Python and folder, with this checkout importable as `zeroconv`."""
+    python = os.environ.get("COMFYUI_PYTHON", sys.executable)
+    code = (f"import sys; sys.path.insert(0, {checkout_on_path()!r}); import torch; torch.set_num_threads(1); "
+            f"from zeroconv.cli import main; sys.exit(main({args!r}))")
+    return subprocess.run([python, "-c", code], cwd=COMFYUI_PATH, capture_output=True, text=True, timeout=timeout)

@@ -16,7 +16,7 @@ import torch
 from zeroconv.controlnet_model import init_from_unet, output_scales
 from zeroconv.controlnet_model.residuals import ControlMode
 from zeroconv.nodes.apply import ZeroConvApplyControlNet, ZeroConvStrengthSchedule
-from zeroconv.nodes.comfy_adapter import ControlPart, ZeroConvControl, make_control
+from zeroconv.nodes.host.control import ControlPart, ZeroConvControl, make_control
 from zeroconv.nodes.compose import ZeroConvComposeControlNets, ZeroConvControlUnit
 
 from .conftest import make_unet, randomize

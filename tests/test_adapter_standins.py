@@ -1,4 +1,4 @@
-"""Stand-ins for the host objects our nodes and adapter use (comfyui-host.md §3, §5), and a mini sampler.
+"""Stand-ins for the host objects our nodes and adapter use (ComfyUI comfy/controlnet.py, comfy/samplers.py), and a mini sampler.
 
 No tests here; test_adapter.py and test_nodes.py import these. Written from the reference's description of
 ComfyUI's behaviour (no ComfyUI code): discrete EPS model sampling, a core-like ControlNet with control_merge
@@ -77,7 +77,7 @@ def _crop_resize(image: torch.Tensor, height: int, width: int) -> torch.Tensor:
 
 
 class CoreLikeControlNet:
-    """A ControlBase as core's ControlNet behaves (reference §5.2-5.3), over a network with our forward."""
+    """A ControlBase as core's ControlNet behaves (ComfyUI comfy/controlnet.py ControlBase, ControlNet.get_control), over a network with our forward."""
 
     def __init__(self, network: Any, log: list | None = None):
         self.network, self.log = network, log if log is not None else []
@@ -157,7 +157,7 @@ class CoreLikeControlNet:
 
 def core_apply(positive: list, negative: list, control_net: Any, image: torch.Tensor, strength: float,
                start_percent: float = 0.0, end_percent: float = 1.0, vae: Any = None) -> tuple[list, list]:
-    """Core Apply ControlNet (ControlNetApplyAdvanced) as the reference describes it (§5.4)."""
+    """Core Apply ControlNet (ControlNetApplyAdvanced) as ComfyUI nodes.py implements it."""
     if strength == 0:
         return positive, negative
     hint = image.movedim(-1, 1)

@@ -1,4 +1,4 @@
-"""Weight-free annotators measured on synthetic pictures drawn here (controlnet-formats.md §5.2)."""
+"""Weight-free annotators measured on synthetic pictures drawn here (the rules of lllyasviel/ControlNet annotator/)."""
 from __future__ import annotations
 
 import cv2

@@ -313,7 +313,7 @@ def test_annotators_sharing_a_loader_share_one_model(monkeypatch) -> None:
     import dataclasses
 
     from zeroconv.annotators import registry
-    from zeroconv.nodes.host_models import HostModels
+    from zeroconv.nodes.host.models import HostModels
 
     loads = []
 

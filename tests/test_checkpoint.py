@@ -54,7 +54,7 @@ def test_config_inferred_from_shapes(name: str) -> None:
     assert (inferred.transformer_depth, inferred.transformer_depth_middle) == \
         (reference.transformer_depth, reference.transformer_depth_middle)
     assert inferred.use_linear_in_transformer == reference.use_linear_in_transformer
-    if not name.startswith("tiny"):  # full-size families: the heads follow from the family (§2.2)
+    if not name.startswith("tiny"):  # full-size families: the heads follow from the family (SD1.x 8 heads, SD2.x/SDXL 64-wide)
         assert inferred.heads_for(640) == reference.heads_for(640) and inferred.family == reference.family
 
 

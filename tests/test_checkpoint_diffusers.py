@@ -1,5 +1,5 @@
 """diffusers layouts without the diffusers package: the 1:1 rename table both ways, folders, variants, shards,
-single files without config.json (controlnet-formats.md §2.3)."""
+single files without config.json (diffusers ControlNetModel.from_single_file)."""
 from __future__ import annotations
 
 import json

@@ -1,4 +1,4 @@
-"""Diff ControlNets and Control-LoRA: files stored relative to a base U-Net (controlnet-formats.md §2.4-2.5)."""
+"""Diff ControlNets and Control-LoRA: files stored relative to a base U-Net (ComfyUI comfy/controlnet.py load_controlnet, ControlLora)."""
 from __future__ import annotations
 
 import pytest

@@ -9,7 +9,7 @@ from zeroconv.controlnet_model.config import ControlNetConfig, check_compatible
 
 from .conftest import TINY_PRESETS, make_inputs, make_unet
 
-# Parameter counts of the reference implementations (controlnet-formats.md §1.4, measured on diffusers/cldm).
+# Parameter counts of the reference implementations (measured on diffusers ControlNetModel and the paper's cldm).
 REFERENCE_PARAMS = {
     "sd15": 361_279_120,
     "sd21": 364_228_240,

@@ -10,7 +10,7 @@ from zeroconv.demo.run import BASE_FILE, CONTROLNET_FILE, run_demo
 
 MODELS_MISSING = not (BASE_FILE.is_file() and CONTROLNET_FILE.is_file())
 pytestmark = pytest.mark.skipif(MODELS_MISSING, reason=f"demo weights not in {BASE_FILE.parent} yet: train them with "
-                                "python -m zeroconv.training.train_world_base and examples/world_controlnet.toml")
+                                "python -m zeroconv.demo.train_world_base and examples/world_controlnet.toml")
 
 
 @pytest.fixture(scope="module")

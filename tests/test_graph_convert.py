@@ -5,7 +5,7 @@ import json
 
 import pytest
 
-from zeroconv.workflow_runner.core_nodes import CORE_NODE_CLASS_MAPPINGS
+from zeroconv.workflow_runner.offline import CORE_NODE_CLASS_MAPPINGS
 from zeroconv.workflow_runner.graph import apply_overrides, is_ui_format, load_workflow, ui_to_api
 
 REGISTRY = CORE_NODE_CLASS_MAPPINGS

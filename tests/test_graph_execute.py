@@ -1,4 +1,4 @@
-"""API prompts are validated and executed with ComfyUI's rules (execution.py, reference §2.3-2.6)."""
+"""API prompts are validated and executed with ComfyUI's rules (ComfyUI execution.py validate_inputs, execute)."""
 from __future__ import annotations
 
 import pytest

@@ -7,7 +7,8 @@ from pathlib import Path
 import pytest
 
 from zeroconv.workflow_runner import default_registry
-from zeroconv.workflow_runner.files import IMAGE_EXTENSIONS, MODEL_EXTENSIONS
+from zeroconv.nodes.host.folders import WEIGHT_SUFFIXES as MODEL_EXTENSIONS
+from zeroconv.workflow_runner.files import IMAGE_EXTENSIONS
 from zeroconv.workflow_runner.graph import (FRONTEND_ONLY_TYPES, combo_options, declared_inputs, frontend_extras,
                                             is_combo, is_widget, spec_options, ui_to_api)
 

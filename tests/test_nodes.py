@@ -11,7 +11,7 @@ from zeroconv.controlnet_model import init_from_unet
 from zeroconv.controlnet_model.checkpoint import read_metadata, save_controlnet
 from zeroconv.nodes import apply as apply_nodes, compose as compose_nodes, loaders as loader_nodes
 from zeroconv.nodes.apply import ZeroConvApplyControlNet, ZeroConvStrengthSchedule
-from zeroconv.nodes.comfy_adapter import ControlPart, ZeroConvControl, make_control
+from zeroconv.nodes.host.control import ControlPart, ZeroConvControl, make_control
 from zeroconv.nodes.compose import ZeroConvComposeControlNets, ZeroConvControlUnit
 from zeroconv.nodes.loaders import ZeroConvLoadControlNet
 
@@ -20,7 +20,7 @@ from .test_adapter_standins import CoreLikeControlNet, conditioning, image, one_
 
 OUR_IDS = {"ZeroConvLoadControlNet", "ZeroConvApplyControlNet", "ZeroConvStrengthSchedule", "ZeroConvControlUnit",
            "ZeroConvComposeControlNets"}
-# core ControlNetApplyAdvanced (ComfyUI 0.3.64 nodes.py; comfyui-host.md §7): the inputs ours shares with it
+# core ControlNetApplyAdvanced (ComfyUI 0.3.64 nodes.py ControlNetApplyAdvanced): the inputs ours shares with it
 CORE_APPLY = {"required": {"positive": ("CONDITIONING",), "negative": ("CONDITIONING",),
                            "control_net": ("CONTROL_NET",), "image": ("IMAGE",),
                            "strength": ("FLOAT", {"default": 1.0, "min": 0.0, "max": 10.0, "step": 0.01}),

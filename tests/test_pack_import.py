@@ -42,15 +42,62 @@ def test_imports_by_path_like_comfyui_without_side_effects() -> None:
     assert not report["env_changed"] and not report["path_changed"]
 
 
-def test_library_packages_never_import_the_host() -> None:
-    offenders = []
-    for folder in ("controlnet_model", "training", "annotators", "demo"):
-        for path in (REPO / folder).rglob("*.py"):
-            for line in path.read_text().splitlines():
-                stripped = line.strip()
-                if stripped.startswith(("import comfy", "from comfy", "import folder_paths", "from folder_paths")):
-                    offenders.append(f"{path.relative_to(REPO)}: {stripped}")
+HOST_MODULES = {"comfy", "folder_paths", "comfy_execution", "comfy_api", "comfy_extras", "nodes", "execution",
+                "server"}  # ComfyUI's top-level modules (inside the pack, our own modules are imported relatively)
+HOST_PACKAGE = ("nodes", "host")  # the only code that may import them
+LIBRARY = {"controlnet_model", "training", "annotators", "demo"}
+
+
+def _imports() -> list[tuple[tuple[str, ...], str, str]]:
+    """(importing module's parts, 'absolute' or 'relative', imported module's top-level name) for every import
+    statement of the pack, lazy ones inside functions included."""
+    import ast
+
+    found = []
+    for path in REPO.rglob("*.py"):
+        rel = path.relative_to(REPO)
+        if rel.parts[0] in ("tests", "bench", "docs", "workflows") or rel.name == "install.py":
+            continue
+        parts = rel.with_suffix("").parts
+        package = parts[:-1] if parts[-1] != "__init__" else parts[:-1]
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                found += [(parts, "absolute", alias.name.split(".")[0]) for alias in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.level == 0:
+                found.append((parts, "absolute", node.module.split(".")[0]))
+            elif isinstance(node, ast.ImportFrom):
+                base = package[:len(package) - (node.level - 1)]
+                target = base + tuple((node.module or "").split(".")) if node.module else base
+                if not target:  # `from .. import X` at the pack's root: X is a subpackage or a root name
+                    target = (node.names[0].name,)
+                found.append((parts, "relative", target[0]))
+    return found
+
+
+def test_only_the_host_package_imports_comfyui() -> None:
+    offenders = sorted({"/".join(parts) + f" imports {name}" for parts, kind, name in _imports()
+                        if kind == "absolute" and name in HOST_MODULES and parts[:2] != HOST_PACKAGE})
     assert offenders == []
+
+
+def test_the_library_never_imports_nodes_or_the_runner_and_nodes_never_import_the_runner() -> None:
+    offenders = sorted({f"{'/'.join(parts)} imports {name}" for parts, kind, name in _imports() if kind == "relative"
+                        and ((parts[0] in LIBRARY and name in ("nodes", "workflow_runner", "cli"))
+                             or (parts[0] == "nodes" and name in ("workflow_runner", "cli")))})
+    assert offenders == []
+
+
+def test_no_import_cycles_between_subpackages() -> None:
+    edges: dict[str, set[str]] = {}
+    for parts, kind, name in _imports():
+        if kind == "relative" and len(parts) > 1 and name != parts[0] and (REPO / name).is_dir():
+            edges.setdefault(parts[0], set()).add(name)
+
+    def reaches(start: str, goal: str, seen: set[str]) -> bool:
+        return any(n == goal or (n not in seen and reaches(n, goal, seen | {n})) for n in edges.get(start, ()))
+
+    cycles = sorted(f"{a} -> {b} -> ... -> {a}" for a, targets in edges.items() for b in targets if reaches(b, a, {b}))
+    assert cycles == [], edges
 
 
 def test_node_classes_follow_the_v1_contract() -> None:

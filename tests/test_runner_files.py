@@ -1,7 +1,6 @@
 """The runner's folders behave like ComfyUI's folder_paths: model lists, annotated names, save counters, images."""
 from __future__ import annotations
 
-import os
 
 import numpy as np
 import pytest
@@ -49,13 +48,3 @@ def test_save_counter_continues_and_prefix_vars(tmp_path) -> None:
     files.save_png(torch.full((2, 3, 3), 0.5), folder / "p.png", {"prompt": {"1": {}}})
     with Image.open(folder / "p.png") as png:
         assert png.text["prompt"] == '{"1": {}}' and np.asarray(png)[0, 0, 0] == 127
-
-
-def test_controlnet_environment_is_scoped(tmp_path, monkeypatch) -> None:
-    monkeypatch.delenv(files.CONTROLNET_DIR_ENV, raising=False)
-    with files.controlnet_environment(HostPaths(controlnet_dir=tmp_path)) as chosen:
-        assert chosen == os.environ[files.CONTROLNET_DIR_ENV] == str(tmp_path)
-    assert files.CONTROLNET_DIR_ENV not in os.environ
-    monkeypatch.setenv(files.CONTROLNET_DIR_ENV, "/mine")
-    with files.controlnet_environment(HostPaths()):
-        assert os.environ[files.CONTROLNET_DIR_ENV] == "/mine"  # the user's setting wins without --controlnet-dir

@@ -62,7 +62,7 @@ def toy_controlnet(base: ToyBase, seed: int = 7) -> ControlNet:
 
 
 class ToyControl:
-    """The ControlBase protocol as comfy.controlnet.ControlNet implements it (reference §5.2-5.3), recording calls."""
+    """The ControlBase protocol as comfy.controlnet.ControlNet implements it (ComfyUI comfy/controlnet.py ControlBase, ControlNet.get_control), recording calls."""
 
     def __init__(self, control_model: ControlNet, fail: bool = False):
         self.control_model = control_model

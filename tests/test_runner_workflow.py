@@ -9,12 +9,13 @@ import pytest
 import torch
 from PIL import Image
 
-from zeroconv.workflow_runner import core_nodes, default_registry, run_workflow
 from zeroconv.cli import main
+from zeroconv.controlnet_model.checkpoint import save_controlnet
+from zeroconv.workflow_runner import offline, run_prompt, run_workflow
 from zeroconv.workflow_runner.files import HostPaths
 from zeroconv.workflow_runner.graph import NodeExecutionError, PromptValidationError
 
-from .test_runner_support import ToyBase, ToyControl, ToyControlLoader, toy_controlnet
+from .test_runner_support import ToyBase, toy_controlnet
 
 
 def _node(node_id, node_type, widgets, inputs=()):
@@ -38,10 +39,10 @@ def _workflow(with_control: bool) -> dict:
              [7, 8, 0, 9, 0, "LATENT"], [8, 1, 2, 9, 1, "VAE"], [9, 9, 0, 10, 0, "IMAGE"]]
     if with_control:
         nodes += [_node(11, "LoadImage", ["outline.png", "image"]),
-                  _node(12, "ControlNetApplyAdvanced", [1.0, 0.0, 1.0],
+                  _node(12, "ZeroConvApplyControlNet", [1.0, 0.0, 1.0, "balanced", "crop_and_resize", "none"],
                         [("positive", "CONDITIONING", 4), ("negative", "CONDITIONING", 5),
                          ("control_net", "CONTROL_NET", 11), ("image", "IMAGE", 10)]),
-                  _node(13, "ToyControlLoader", [])]
+                  _node(13, "ZeroConvLoadControlNet", ["toy_cn.safetensors"])]
         links += [[10, 11, 0, 12, 3, "IMAGE"], [11, 13, 0, 12, 2, "CONTROL_NET"], [20, 12, 0, 8, 1, "CONDITIONING"],
                   [21, 12, 1, 8, 2, "CONDITIONING"]]
         links = [l for l in links if not (l[3] == 8 and l[0] in (4, 5))]
@@ -54,8 +55,9 @@ def _workflow(with_control: bool) -> dict:
 def world(tmp_path, monkeypatch):
     """Folders with a dummy checkpoint and an outline image; the checkpoint loads as a ToyBase."""
     base = ToyBase()
-    monkeypatch.setattr(core_nodes, "load_base", lambda path, device="cpu": base.to(device))
+    monkeypatch.setattr(offline, "load_base", lambda path, device="cpu": base.to(device))
     (tmp_path / "models" / "checkpoints").mkdir(parents=True)
+    save_controlnet(toy_controlnet(base), tmp_path / "models" / "controlnet" / "toy_cn.safetensors")
     (tmp_path / "models" / "checkpoints" / "toy.safetensors").write_bytes(b"not read")
     (tmp_path / "input").mkdir()
     outline = np.zeros((64, 64, 3), dtype=np.uint8)
@@ -88,54 +90,52 @@ def test_ui_workflow_runs_and_saves_png_with_prompt_and_workflow(world) -> None:
     assert not np.array_equal(np.array(Image.open(result.saved[0])), np.array(Image.open(other.saved[0])))
 
 
-def test_core_apply_node_shares_one_control_copy_and_changes_the_picture(world) -> None:
-    base, paths, tmp_path = world
-    ToyControlLoader.control = ToyControl(toy_controlnet(base))
-    registry = {**default_registry(), "ToyControlLoader": ToyControlLoader}
-    path = _write(tmp_path, _workflow(with_control=True))
-    controlled = run_workflow(path, paths, registry)
-    positive, negative = controlled.execution.outputs["12"]
-    head = positive[0][1]["control"]
-    assert head is negative[0][1]["control"] and head is not ToyControlLoader.control
-    assert positive[0][1]["control_apply_to_uncond"] is False and head.timestep_percent_range == (0.0, 1.0)
-    assert len(head.calls) == 3 and head.cleanups == 1 and ToyControlLoader.control.calls == []
-    off = run_workflow(path, paths, registry, overrides=["12.strength=0.0"])
-    assert off.execution.outputs["12"][0][0][1].get("control") is None  # strength 0 returns the inputs
-    latent = controlled.execution.outputs["8"][0]["samples"]
-    assert not torch.allclose(latent, off.execution.outputs["8"][0]["samples"])
-
-
-def test_core_controlnet_loader_is_served_by_the_pack_loader(world, monkeypatch) -> None:
+def test_apply_node_shares_one_control_and_changes_the_picture(world, monkeypatch) -> None:
     import os
 
-    import zeroconv
+    base, paths, tmp_path = world
+    monkeypatch.delenv("ZEROCONV_CONTROLNET_DIR", raising=False)
+    path = _write(tmp_path, _workflow(with_control=True))
+    controlled = run_workflow(path, paths)
+    positive, negative = controlled.execution.outputs["12"]
+    head = positive[0][1]["control"]
+    assert head is negative[0][1]["control"] and positive[0][1]["control_apply_to_uncond"] is False
+    assert head.timestep_percent_range == (0.0, 1.0) and controlled.saved
+    assert "ZEROCONV_CONTROLNET_DIR" not in os.environ  # the run's folders reach the loader without a side channel
+    off = run_workflow(path, paths, overrides=["12.strength=0.0"])
+    assert off.execution.outputs["12"][0][0][1].get("control") is None  # strength 0 returns the inputs
+    plain = run_workflow(_write(tmp_path, _workflow(with_control=False), "plain.json"), paths)
+    latent = controlled.execution.outputs["8"][0]["samples"]
+    assert not torch.allclose(latent, off.execution.outputs["8"][0]["samples"])
+    assert torch.allclose(off.execution.outputs["8"][0]["samples"], plain.execution.outputs["8"][0]["samples"])
 
+
+def test_controlnet_dir_reaches_the_pack_loader(world) -> None:
     base, paths, tmp_path = world
     (tmp_path / "cn").mkdir()
-    (tmp_path / "cn" / "lines.safetensors").write_bytes(b"x")
-    seen = {}
-
-    class PackLoader:
-        @classmethod
-        def INPUT_TYPES(cls):
-            folder = os.environ.get("ZEROCONV_CONTROLNET_DIR", "")
-            return {"required": {"control_net_name": (sorted(os.listdir(folder)) if folder else [],),
-                                 "strength_hint": ("FLOAT", {"default": 0.5})}}
-
-        RETURN_TYPES = ("CONTROL_NET",)
-        FUNCTION = "load"
-
-        def load(self, control_net_name, strength_hint):
-            seen.update(name=control_net_name, dir=os.environ["ZEROCONV_CONTROLNET_DIR"], hint=strength_hint)
-            return (ToyControl(toy_controlnet(base)),)
-
-    monkeypatch.setitem(zeroconv.NODE_CLASS_MAPPINGS, "ZeroConvLoadControlNet", PackLoader)
-    monkeypatch.delenv("ZEROCONV_CONTROLNET_DIR", raising=False)
+    (tmp_path / "models" / "controlnet" / "toy_cn.safetensors").rename(tmp_path / "cn" / "lines.safetensors")
     workflow = _workflow(with_control=True)
-    workflow["nodes"][-1] = {**_node(13, "ControlNetLoader", ["lines.safetensors"]), "outputs": []}
+    workflow["nodes"][-1]["widgets_values"] = ["lines.safetensors"]
     result = run_workflow(_write(tmp_path, workflow), replace(paths, controlnet_dir=tmp_path / "cn"))
-    assert seen == {"name": "lines.safetensors", "dir": str(tmp_path / "cn"), "hint": 0.5}
-    assert result.saved and "ZEROCONV_CONTROLNET_DIR" not in os.environ
+    assert result.saved and result.execution.outputs["12"][0][0][1]["control"].parts[0].name == "lines.safetensors"
+
+
+def test_bad_inputs_object_and_links_to_missing_nodes_are_named(world) -> None:
+    base, paths, tmp_path = world
+    prompt = {"1": {"class_type": "EmptyLatentImage", "inputs": [64, 64, 1]}}
+    with pytest.raises(ValueError, match=r"node 1 \(EmptyLatentImage\): 'inputs' must be an object"):
+        run_prompt(prompt, paths)
+    prompt = {"1": {"class_type": "VAEDecode", "inputs": {"samples": ["9", 0], "vae": ["1", 2]}}}
+    with pytest.raises(ValueError, match=r"node 1 \(VAEDecode\): input 'samples' links to node 9"):
+        run_prompt(prompt, paths)
+    workflow = _workflow(with_control=False)
+    workflow["links"] = [link for link in workflow["links"] if link[0] != 7]  # KSampler -> VAEDecode is gone
+    with pytest.raises(ValueError, match=r"node 9 \(VAEDecode\): input 'samples' is connected to a missing node"):
+        run_workflow(_write(tmp_path, workflow), paths)
+    workflow = _workflow(with_control=False)
+    workflow["nodes"] = [n for n in workflow["nodes"] if n["id"] != 7]  # EmptyLatentImage deleted, link kept
+    with pytest.raises(ValueError, match=r"node 8 \(KSampler\): input 'latent_image' is connected to a missing"):
+        run_workflow(_write(tmp_path, workflow), paths)
 
 
 def test_cli_subcommand_prints_written_files(world, capsys) -> None:
@@ -157,9 +157,8 @@ def test_errors_name_the_node_and_the_fix(world) -> None:
     base, paths, tmp_path = world
     workflow = _workflow(with_control=True)
     workflow["nodes"][7]["widgets_values"] = ["missing.png", "image"]
-    registry = {**default_registry(), "ToyControlLoader": ToyControlLoader}
     with pytest.raises(PromptValidationError, match=r"node 11 \(LoadImage\).*missing.png"):
-        run_workflow(_write(tmp_path, workflow), paths, registry)
+        run_workflow(_write(tmp_path, workflow), paths)
     workflow = _workflow(with_control=False)
     workflow["nodes"][0]["widgets_values"] = ["absent.safetensors"]
     with pytest.raises(PromptValidationError, match=r"node 1 \(CheckpointLoaderSimple\).*--models-dir"):
@@ -175,7 +174,7 @@ def test_checkpoint_by_path_and_hf_spec(world, monkeypatch) -> None:
     from zeroconv.workflow_runner import files
 
     path = str(tmp_path / "models" / "checkpoints" / "toy.safetensors")
-    assert core_nodes.CheckpointLoaderSimple.VALIDATE_INPUTS(path) is True
+    assert offline.CheckpointLoaderSimple.VALIDATE_INPUTS(path) is True
     fetched = []
     monkeypatch.setattr("huggingface_hub.hf_hub_download",
                         lambda repo_id, filename: fetched.append((repo_id, filename)) or path)
@@ -185,29 +184,16 @@ def test_checkpoint_by_path_and_hf_spec(world, monkeypatch) -> None:
         files.resolve_model("checkpoints", "hf://owner/model.safetensors", paths)
 
 
-def _pack_control_workflow(core_ids: bool) -> dict:
-    """The control workflow with our loader and apply nodes, or the core ids they serve."""
-    workflow = _workflow(with_control=True)
-    apply_type, apply_widgets = (("ControlNetApplyAdvanced", [1.0, 0.0, 1.0]) if core_ids else
-                                 ("ZeroConvApplyControlNet", [1.0, 0.0, 1.0, "balanced", "crop_and_resize"]))
-    loader_type = "ControlNetLoader" if core_ids else "ZeroConvLoadControlNet"
-    for node in workflow["nodes"]:
-        if node["id"] == 12:
-            node["type"], node["widgets_values"] = apply_type, apply_widgets
-        if node["id"] == 13:
-            node["type"], node["widgets_values"] = loader_type, ["toy_cn.safetensors"]
-    return workflow
-
-
-def test_pack_nodes_and_core_ids_give_the_same_controlled_result(world) -> None:
-    from zeroconv.controlnet_model.checkpoint import save_controlnet
+def test_comfyui_is_found_by_comfyui_path_and_asking_for_it_without_one_is_an_error(world, monkeypatch) -> None:
+    from zeroconv.nodes.host import comfyui_root
 
     base, paths, tmp_path = world
-    save_controlnet(toy_controlnet(base), tmp_path / "models" / "controlnet" / "toy_cn.safetensors")
-    ours = run_workflow(_write(tmp_path, _pack_control_workflow(core_ids=False), "ours.json"), paths)
-    core = run_workflow(_write(tmp_path, _pack_control_workflow(core_ids=True), "core.json"), paths)
-    plain = run_workflow(_write(tmp_path, _workflow(with_control=False), "plain.json"), paths)
-    latents = [r.execution.outputs["8"][0]["samples"] for r in (ours, core, plain)]
-    assert torch.allclose(latents[0], latents[1], atol=1e-5)
-    assert (latents[0] - latents[2]).abs().max() > 1e-3
-    assert ours.saved and core.saved
+    monkeypatch.delenv("COMFYUI_PATH", raising=False)
+    assert comfyui_root() is None
+    with pytest.raises(ValueError, match="no ComfyUI found"):
+        run_workflow(_write(tmp_path, _workflow(with_control=False)), paths, host="comfyui")
+    (tmp_path / "ComfyUI" / "comfy").mkdir(parents=True)
+    (tmp_path / "ComfyUI" / "comfy" / "controlnet.py").write_text("")
+    (tmp_path / "ComfyUI" / "execution.py").write_text("")
+    monkeypatch.setenv("COMFYUI_PATH", str(tmp_path / "ComfyUI"))
+    assert comfyui_root() == tmp_path / "ComfyUI"

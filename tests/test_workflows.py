@@ -1,7 +1,7 @@
 """Every shipped workflow (workflows/*.json, UI format) would load in ComfyUI with our pack.
 
 Node ids are ours (zeroconv.NODE_CLASS_MAPPINGS) or core ids whose inputs and outputs are written below as data
-(ComfyUI 0.3.64 nodes.py / comfy_extras, comfyui-host.md §7). Checked: the UI schema (0.4), every node id exists,
+(ComfyUI 0.3.64 nodes.py / comfy_extras). Checked: the UI schema (0.4), every node id exists,
 sockets and outputs match the classes, every link joins an output to an input of the same type, required links
 are connected, widget values are in range and in the frontend's positional order, and the note names every model
 file the workflow loads.

@@ -6,8 +6,8 @@ import json
 import numpy as np
 import pytest
 
-from zeroconv.training import world
-from zeroconv.training.world import (PALETTE, SHAPES, ShapeSpec, batch_arrays, colours_match, nearest_colour,
+from zeroconv.demo import world
+from zeroconv.demo.world import (PALETTE, SHAPES, ShapeSpec, batch_arrays, colours_match, nearest_colour,
                                      random_specs, render_outline, render_target, segment_shape, shape_mask,
                                      write_dataset)
 

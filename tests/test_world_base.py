@@ -7,8 +7,8 @@ import torch
 
 from zeroconv.controlnet_model import init_from_unet, preset
 from zeroconv.training.base import detect_base_kind, load_base
-from zeroconv.training.world import random_specs
-from zeroconv.training.world_base import (WorldBase, WorldTokenizer, build_world_base, load_world_base,
+from zeroconv.demo.world import random_specs
+from zeroconv.demo.world_base import (WorldBase, WorldTokenizer, build_world_base, load_world_base,
                                           save_world_base, world_vocabulary)
 
 SMALL = preset("world", in_channels=24, out_channels=24, model_channels=32, channel_mult=(1,), transformer_depth=(1,), context_dim=32, num_heads=2,
@@ -30,7 +30,7 @@ def test_vocabulary_covers_every_caption_and_unknown_words_become_unk(caplog) ->
 
 def test_patch_autoencoder_keeps_the_shapes_with_8x_smaller_latents() -> None:
     from zeroconv.training.fidelity import iou
-    from zeroconv.training.world import render_target, segment_shape, shape_mask
+    from zeroconv.demo.world import render_target, segment_shape, shape_mask
 
     base = build_world_base(seed=0)  # the real size: 48 components fitted on 512 pictures from seed 0
     specs = random_specs(32, seed=11)  # held out
@@ -98,7 +98,7 @@ def test_loader_refuses_other_files_with_the_fix(tmp_path) -> None:
 
 
 def test_training_script_runs_and_writes_a_loadable_base(tmp_path, monkeypatch) -> None:
-    from zeroconv.training import train_world_base as script
+    from zeroconv.demo import train_world_base as script
 
     monkeypatch.setattr(script, "build_world_base", lambda **kw: build_world_base(SMALL, **kw))
     out = tmp_path / "base.safetensors"

@@ -43,10 +43,11 @@ class LockedBase(Protocol):
     def to(self, device: torch.device | str, dtype: torch.dtype | None = None) -> "LockedBase": ...
 
 
-# Loaders by kind, as (module relative to this package, function). detect_base_kind picks the kind.
+# Loaders by kind, as (module relative to this package, function), imported only when a file of that kind is
+# loaded; detect_base_kind picks the kind. The demo world's base lives with the demo (demo/world_base.py).
 BASE_LOADERS: dict[str, tuple[str, str]] = {
     "stable-diffusion": (".sd_base", "load_sd_base"),
-    "world": (".world_base", "load_world_base"),
+    "world": ("..demo.world_base", "load_world_base"),
 }
 
 

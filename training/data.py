@@ -1,6 +1,6 @@
 """Training data: (image, condition, caption) rows from a folder or a JSONL file, cropped to the resolution.
 
-Layouts read (controlnet-formats.md §4.3): the Fill50K layout (`prompt.json`, JSON Lines with source/target/prompt),
+Layouts read: the Fill50K layout (lllyasviel/ControlNet docs/train.md, tutorial_dataset.py) (`prompt.json`, JSON Lines with source/target/prompt),
 any JSONL of {"image", "condition", "caption"} rows with paths relative to the file, and a folder with `image/`,
 `condition/` and `<stem>.txt` captions. Conditions may instead be made on the fly by an annotator (random-threshold
 Canny, the paper's scribble synthesis, ...). Which rows a process reads at a step is a pure function of

@@ -17,7 +17,9 @@ import torch
 from torch import nn
 
 from ..controlnet_model.blocks import timestep_embedding
+from ..controlnet_model.checkpoint import infer_ldm_config
 from ..controlnet_model.config import ControlNetConfig, PredictionType
+from ..controlnet_model.safetensors_io import SAFETENSORS_SUFFIXES
 from ..controlnet_model.unet import UNetModel
 from .base import TextConditioning
 from .schedule import NoiseSchedule
@@ -83,7 +85,7 @@ class SDBase(nn.Module):
 # ---- reading files ---------------------------------------------------------------------------------------
 def read_checkpoint(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """Tensors and metadata of a .safetensors, or of a .ckpt/.pt through torch.load(weights_only=True)."""
-    if path.suffix in (".safetensors", ".sft"):
+    if path.suffix in SAFETENSORS_SUFFIXES:
         from safetensors import SafetensorError, safe_open
 
         try:
@@ -117,40 +119,13 @@ def _sub(state: Mapping[str, torch.Tensor], prefix: str) -> dict[str, torch.Tens
     return {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
 
 
-def _count(state: Mapping[str, Any], template: str) -> int:
-    n = 0
-    while template.format(n) in state:
-        n += 1
-    return n
-
-
-def _attention_depth(state: Mapping[str, Any], prefix: str) -> int | None:
-    return _count(state, prefix + "transformer_blocks.{}.norm1.weight") if f"{prefix}proj_in.weight" in state else None
-
-
 def infer_unet_config(state: Mapping[str, torch.Tensor], family: str) -> ControlNetConfig:
-    """LDM U-Net architecture from key names and shapes (prefix stripped); heads by the family's rule."""
-    mc, in_ch = state["input_blocks.0.0.weight"].shape[:2]
-    n_in = 1
-    while any(f"input_blocks.{n_in}.0.{s}" in state for s in ("op.weight", "in_layers.0.weight")):
-        n_in += 1
-    downs = [i for i in range(n_in) if f"input_blocks.{i}.0.op.weight" in state]
-    levels = len(downs) + 1
-    res = (n_in - 1 - len(downs)) // levels
-    mult, depth = [], []
-    for level in range(levels):
-        first = 1 + level * (res + 1)
-        mult.append(state[f"input_blocks.{first}.0.in_layers.2.weight"].shape[0] // mc)
-        depth.append(_attention_depth(state, f"input_blocks.{first}.1."))
-    context = next((t.shape[1] for k, t in state.items() if k.endswith("attn2.to_k.weight")), 768)
-    linear = any(k.endswith("proj_in.weight") and t.ndim == 2 for k, t in state.items())
-    adm = state["label_emb.0.0.weight"].shape[1] if "label_emb.0.0.weight" in state else None
+    """LDM U-Net architecture from key names and shapes (prefix stripped; checkpoint.infer_ldm_config), with the
+    family named by the checkpoint's keys and heads by the family's rule."""
     sd1 = family == "SD1.x"
-    return ControlNetConfig(family=family, model_channels=mc, channel_mult=tuple(mult), num_res_blocks=res,
-                            transformer_depth=tuple(depth), transformer_depth_middle=_attention_depth(state, "middle_block.1."),
-                            context_dim=context, num_heads=8 if sd1 else -1, num_head_channels=-1 if sd1 else 64,
-                            use_linear_in_transformer=linear, adm_in_channels=adm, in_channels=in_ch,
-                            out_channels=state["out.2.weight"].shape[0])
+    return infer_ldm_config(state).replace(family=family, num_heads=8 if sd1 else -1,
+                                           num_head_channels=-1 if sd1 else 64,
+                                           out_channels=state["out.2.weight"].shape[0])
 
 
 def read_parameterization(path: Path) -> PredictionType | None:

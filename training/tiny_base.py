@@ -76,7 +76,7 @@ def write_tiny_sd_checkpoint(path: str | Path, family: str = "SD1.x", seed: int 
     return path
 
 
-# Colour names and RGB values of the Fill50K-style toy data (controlnet-formats.md §4.3).
+# Colour names and RGB values of the Fill50K-style toy data (lllyasviel/ControlNet docs/train.md).
 TOY_COLOURS: dict[str, tuple[int, int, int]] = {
     "red": (220, 30, 30), "green": (30, 160, 60), "blue": (30, 60, 210), "yellow": (235, 210, 40),
     "cyan": (40, 200, 210), "magenta": (200, 40, 190), "white": (245, 245, 245), "black": (15, 15, 15),

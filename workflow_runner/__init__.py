@@ -1,8 +1,8 @@
-"""`zeroconv run`: execute ComfyUI workflow files headless with our nodes and the core nodes our workflows use.
+"""`zeroconv run`: execute ComfyUI workflow files headless.
 
-Read in this order: graph.py (workflow formats, validation, execution), core_nodes.py (the core node ids),
-host.py (MODEL / CLIP / VAE over a LockedBase), sampling.py (KSampler and the ControlNet protocol),
-files.py (folders, like folder_paths), runner.py (one call from file to PNGs), cli.py (the subcommand).
+Read in this order: runner.py (one call from file to PNGs; ComfyUI's executor when a ComfyUI is present),
+graph.py (workflow formats, overrides, validation, the offline executor), offline.py (the core node ids shipped
+workflows use, on the library's sampler), files.py (offline folders), cli.py (the subcommand).
 """
 from .runner import RunResult, default_registry, run_prompt, run_workflow
 

@@ -7,14 +7,17 @@ from pathlib import Path
 import torch
 
 from . import files
+from .runner import HOSTS
 
 
 def register_cli(subparsers: argparse._SubParsersAction) -> None:
     """Add `run` to the zeroconv command."""
     parser = subparsers.add_parser(
         "run", help="run a ComfyUI workflow file headless (UI or API format)",
-        description="Run a ComfyUI workflow (saved or exported as API) without ComfyUI, with ZeroConv's nodes and "
-                    "the core nodes its workflows use. Prints the files it writes.")
+        description="Run a ComfyUI workflow (saved or exported as API) headless. Where a ComfyUI is present (the one "
+                    "this pack is installed in, or COMFYUI_PATH) it runs on ComfyUI's own executor and nodes; "
+                    "otherwise on ZeroConv's nodes, the core nodes the shipped workflows use and the library's DDIM "
+                    "sampler. Prints the files it writes.")
     parser.add_argument("workflow", type=Path, help="workflow JSON (UI format or API format)")
     parser.add_argument("--models-dir", type=Path, action="append", default=[],
                         help="folder with model files (checkpoints/ and controlnet/ subfolders or the files "
@@ -26,6 +29,9 @@ def register_cli(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="NODE.INPUT=VALUE",
                         help="override an input, e.g. --set 3.seed=7 or --set KSampler.steps=4; repeatable")
     parser.add_argument("--device", default="cpu", help="torch device to sample on (cpu, cuda, cuda:1, mps)")
+    parser.add_argument("--host", choices=HOSTS, default="auto",
+                        help="auto: ComfyUI's executor when a ComfyUI is found, else offline; comfyui; zeroconv "
+                             "(offline)")
     parser.set_defaults(func=run_command)
 
 
@@ -49,7 +55,7 @@ def run_command(args: argparse.Namespace) -> int:
     """Run the workflow and print each file written."""
     from .runner import run_workflow
 
-    result = run_workflow(args.workflow, host_paths(args), overrides=args.overrides)
+    result = run_workflow(args.workflow, host_paths(args), overrides=args.overrides, host=args.host)
     for path in result.saved:
         print(path)
     if not result.saved:

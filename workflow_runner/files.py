@@ -1,4 +1,4 @@
-"""Where the runner finds models and images and writes results: our stand-in for ComfyUI's folder_paths.
+"""Where the runner finds models and images and writes results, offline (in ComfyUI: its folder_paths).
 
 A run's folders are a HostPaths held in a context variable for the duration of the run (the runner sets it),
 so node classes, which ComfyUI builds with no arguments, can still list and resolve files.
@@ -20,12 +20,10 @@ import torch
 from PIL import Image, ImageOps, ImageSequence
 from PIL.PngImagePlugin import PngInfo
 
+from ..nodes.host.folders import PACKAGE_MODELS, weight_files
+
 logger = logging.getLogger(__name__)
 
-PACKAGE_DIR = Path(__file__).resolve().parents[1]
-PACKAGE_MODELS_DIR = PACKAGE_DIR / "models"  # the demo world's files ship here
-# folder_paths.supported_pt_extensions, less the pickle-only ones we never load.
-MODEL_EXTENSIONS = (".safetensors", ".sft", ".ckpt", ".pt", ".pth", ".bin")
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 # Subfolders of a models dir, by kind, as ComfyUI lays out models/ (the dir itself is searched last).
 MODEL_SUBFOLDERS: dict[str, tuple[str, ...]] = {"checkpoints": ("checkpoints", ""), "controlnet": ("controlnet", "")}
@@ -50,7 +48,7 @@ class HostPaths:
 
     def search_dirs(self, kind: str) -> list[Path]:
         """Existing folders to search for a model kind ('checkpoints', 'controlnet'), in order."""
-        roots = [Path(d) for d in self.models_dirs] + [PACKAGE_MODELS_DIR]
+        roots = [Path(d) for d in self.models_dirs] + [PACKAGE_MODELS]
         if kind == "controlnet" and self.controlnet_dir is not None:
             roots = [Path(self.controlnet_dir)] + roots
         dirs = [root / sub if sub else root for root in roots for sub in MODEL_SUBFOLDERS[kind]]
@@ -76,36 +74,9 @@ def using(paths: HostPaths) -> Iterator[HostPaths]:
         _CURRENT.reset(token)
 
 
-CONTROLNET_DIR_ENV = "ZEROCONV_CONTROLNET_DIR"  # where our loader node looks without ComfyUI's folder_paths
-
-
-@contextlib.contextmanager
-def controlnet_environment(paths: HostPaths) -> Iterator[str | None]:
-    """Point our ControlNet loader node at the run's ControlNet folder (an explicit env var wins), then restore."""
-    before = os.environ.get(CONTROLNET_DIR_ENV)
-    folders = paths.search_dirs("controlnet")
-    chosen = str(paths.controlnet_dir) if paths.controlnet_dir is not None else before
-    if chosen is None and folders:
-        chosen = str(next((f for f in folders if any(f.glob("*.safetensors"))), folders[0]))
-    if chosen is not None:
-        os.environ[CONTROLNET_DIR_ENV] = chosen
-    try:
-        yield chosen
-    finally:
-        if before is None:
-            os.environ.pop(CONTROLNET_DIR_ENV, None)
-        else:
-            os.environ[CONTROLNET_DIR_ENV] = before
-
-
 def list_models(kind: str, paths: HostPaths | None = None) -> list[str]:
     """Model files of a kind, as names relative to their folder (a ComfyUI combo list)."""
-    names: set[str] = set()
-    for folder in (paths or current()).search_dirs(kind):
-        for path in folder.rglob("*"):
-            if path.is_file() and path.suffix.lower() in MODEL_EXTENSIONS:
-                names.add(path.relative_to(folder).as_posix())
-    return sorted(names)
+    return sorted({n for folder in (paths or current()).search_dirs(kind) for n in weight_files(folder)})
 
 
 def _download_hf(spec: str) -> Path:

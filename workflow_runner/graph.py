@@ -1,4 +1,5 @@
-"""Workflow JSON -> API prompt -> validated -> executed, with ComfyUI's rules (execution.py, reference §2, §8).
+"""Workflow JSON -> API prompt -> validated -> executed, with ComfyUI's rules (ComfyUI execution.py; the UI
+format: ComfyUI_frontend src/schemas/comfyWorkflowSchema.ts).
 
 UI-format files (what the editor saves) are converted the way the frontend's "Export (API)" does: widget values
 are matched to INPUT_TYPES positionally (required then optional, link-only inputs skipped), frontend-only
@@ -114,12 +115,17 @@ def _widget_values(node: dict, cls: type) -> dict[str, Any]:
 
 
 def _resolve_link(link_id: int, nodes: dict[int, dict], links: dict, depth: int = 0) -> tuple[str, Any] | None:
-    """('link', [id, slot]) or ('value', v) behind a UI link, through reroutes, primitives and bypassed nodes."""
-    if link_id not in links or depth > len(nodes):
+    """('link', [id, slot]) or ('value', v) behind a UI link, through reroutes, primitives and bypassed nodes;
+    None behind a muted node. A link that is not in the table or starts at no node raises KeyError."""
+    if link_id not in links:
+        raise KeyError(f"link {link_id} is not in the workflow's links")
+    if depth > len(nodes):
         return None
     origin_id, origin_slot, _, _, link_type = links[link_id]
     origin = nodes.get(origin_id)
-    if origin is None or origin.get("mode", 0) == MODE_MUTED:
+    if origin is None:
+        raise KeyError(f"link {link_id} comes from node {origin_id}, which is not in the workflow")
+    if origin.get("mode", 0) == MODE_MUTED:
         return None
     upstream = [i for i in origin.get("inputs", []) if i.get("link") is not None]
     if origin["type"] == "Reroute":
@@ -156,11 +162,15 @@ def ui_to_api(workflow: dict, registry: Registry) -> Prompt:
         for socket in node.get("inputs", []):
             if socket.get("link") is None:
                 continue
-            source = _resolve_link(socket["link"], nodes, links)
+            try:
+                source = _resolve_link(socket["link"], nodes, links)
+            except KeyError as exc:
+                raise ValueError(f"node {node_id} ({node['type']}): input {socket['name']!r} is connected to a "
+                                 f"missing node ({exc.args[0]}); reconnect it in ComfyUI and save again") from exc
             if source is not None:
                 inputs[socket["name"]] = source[1]
             elif socket["name"] not in inputs:
-                logger.warning("node %s (%s): input %r is connected to a muted or missing node",
+                logger.warning("node %s (%s): input %r is connected to a muted node",
                                node_id, node["type"], socket["name"])
         title = node.get("title") or (node.get("properties") or {}).get("Node name for S&R") or node["type"]
         prompt[str(node_id)] = {"class_type": node["type"], "inputs": inputs, "_meta": {"title": title}}
@@ -180,7 +190,8 @@ def load_workflow(path: str | Path, registry: Registry) -> tuple[Prompt, dict | 
         return ui_to_api(data, registry), data
     if isinstance(data, dict) and isinstance(data.get("prompt"), dict):
         data = data["prompt"]  # a saved POST /prompt body
-    if not isinstance(data, dict) or not all(isinstance(n, dict) and "class_type" in n for n in data.values()):
+    if not isinstance(data, dict) or not data or not all(isinstance(n, dict) and "class_type" in n
+                                                         for n in data.values()):
         raise ValueError(f"{path} is neither a UI workflow (nodes, links) nor an API prompt ({{id: {{class_type, "
                          "inputs}}}}); in ComfyUI use Save or Export (API)")
     return {str(k): v for k, v in data.items()}, None
@@ -205,6 +216,21 @@ def apply_overrides(prompt: Prompt, overrides: list[str]) -> Prompt:
             value = raw
         prompt[matches[0]]["inputs"][name] = value
     return prompt
+
+
+def check_structure(prompt: Prompt) -> None:
+    """Every node is an object with a class_type and an `inputs` object; every link names an existing node."""
+    for node_id, node in prompt.items():
+        if not isinstance(node, dict) or not isinstance(node.get("class_type"), str):
+            raise ValueError(f"node {node_id}: expected an object with a 'class_type' string, got {node!r:.80}")
+        inputs = node.setdefault("inputs", {})
+        if not isinstance(inputs, dict):
+            raise ValueError(f"node {node_id} ({node['class_type']}): 'inputs' must be an object of name: value, "
+                             f"got {type(inputs).__name__}; export the workflow from ComfyUI again")
+        for name, value in inputs.items():
+            if isinstance(value, list) and len(value) == 2 and str(value[0]) not in prompt:
+                raise ValueError(f"node {node_id} ({node['class_type']}): input {name!r} links to node "
+                                 f"{value[0]}, which is not in the workflow; reconnect it and save again")
 
 
 # ---- validation (execution.py validate_prompt / validate_inputs) ---------------------------------------------

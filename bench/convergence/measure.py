@@ -1,7 +1,7 @@
 """Condition fidelity of the demo ControlNet against training steps (the paper's 'sudden convergence', Zhang et
 al. 2023 §4.3, Fig. 21), read from the checkpoints of the standard `zeroconv train` run.
 
-    python -m zeroconv.training.world --out data/world --count 10000 --size 64 --seed 1
+    python -m zeroconv.demo.world --out data/world --count 10000 --size 64 --seed 1
     zeroconv train examples/world_controlnet.toml          # writes output/world_controlnet/checkpoints/
     pip install -e ".[bench]"                              # matplotlib, for the plot
     python bench/convergence/measure.py --run output/world_controlnet --count 32 --steps 10
@@ -28,7 +28,7 @@ from zeroconv.controlnet_model.checkpoint import load_controlnet
 from zeroconv.controlnet_model.from_unet import init_from_unet
 from zeroconv.demo.run import BASE_FILE, generate, score, validation_settings
 from zeroconv.training.base import load_base
-from zeroconv.training.world import random_specs, render_outline
+from zeroconv.demo.world import random_specs, render_outline
 
 logger = logging.getLogger("convergence")
 HERE = Path(__file__).resolve().parent

@@ -1,4 +1,4 @@
-"""A synthetic world in the spirit of Fill50K (controlnet-formats.md §4.3): one filled shape on a flat background.
+"""A synthetic world in the spirit of Fill50K (the paper's toy dataset, lllyasviel/ControlNet docs/train.md): one filled shape on a flat background.
 
 The target is a shape filled with colour A on a background of colour B, the condition is the shape's outline
 (white, about 1.5 px, anti-aliased, on black), the caption is "<A> <shape> with <B> background". Everything is
@@ -172,11 +172,11 @@ def colours_match(image: np.ndarray, shape: np.ndarray, spec: ShapeSpec) -> bool
 
 
 def main(argv: list[str] | None = None) -> int:
-    """python -m zeroconv.training.world --out data/world --count 20000 --size 64 --seed 1"""
+    """python -m zeroconv.demo.world --out data/world --count 20000 --size 64 --seed 1"""
     import argparse
     import logging
 
-    parser = argparse.ArgumentParser(prog="python -m zeroconv.training.world", description=__doc__)
+    parser = argparse.ArgumentParser(prog="python -m zeroconv.demo.world", description=__doc__)
     parser.add_argument("--out", required=True, help="folder to write source/, target/ and prompt.json into")
     parser.add_argument("--count", type=int, default=20000, help="number of pictures")
     parser.add_argument("--size", type=int, default=64, help="image side in pixels (multiple of 8)")

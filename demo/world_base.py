@@ -27,8 +27,8 @@ from torch import nn
 from ..controlnet_model.atomic import atomic_save_safetensors
 from ..controlnet_model.config import ControlNetConfig, PredictionType, preset
 from ..controlnet_model.unet import UNetModel
-from .base import TextConditioning
-from .schedule import NoiseSchedule
+from ..training.base import TextConditioning
+from ..training.schedule import NoiseSchedule
 from .world import CAPTION_WORDS, PALETTE, SHAPES
 
 logger = logging.getLogger(__name__)
@@ -262,7 +262,7 @@ def _read(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
 
     if not path.is_file():
         raise FileNotFoundError(f"world base {path} does not exist; the package ships models/world_base.safetensors, "
-                                "or make one with `python -m zeroconv.training.train_world_base`")
+                                "or make one with `python -m zeroconv.demo.train_world_base`")
     try:
         with safe_open(str(path), framework="pt") as f:
             return {k: f.get_tensor(k) for k in f.keys()}, dict(f.metadata() or {})
@@ -276,12 +276,12 @@ def load_world_base(path: str | Path, device: str | torch.device = "cpu", dtype:
     state, meta = _read(Path(path))
     if meta.get("zeroconv_kind") != KIND:
         raise ValueError(f"{path} is not a ZeroConv world base (metadata zeroconv_kind is "
-                         f"{meta.get('zeroconv_kind')!r}); make one with `python -m zeroconv.training.train_world_base`")
+                         f"{meta.get('zeroconv_kind')!r}); make one with `python -m zeroconv.demo.train_world_base`")
     unet = UNetModel(ControlNetConfig.from_json(meta["zeroconv_config"]))
     text_encoder = WorldTextEncoder(TextEncoderConfig.from_json(meta["zeroconv_text_config"]))
     if "autoencoder.basis" not in state:
         raise ValueError(f"{path} is a world base from before the patch autoencoder; rebuild it with "
-                         "`python -m zeroconv.training.train_world_base`")
+                         "`python -m zeroconv.demo.train_world_base`")
     # world bases from before whitening stored no scale: their coefficients are used as they are
     state.setdefault("autoencoder.scale", torch.ones(state["autoencoder.basis"].shape[0]))
     autoencoder = PatchAutoencoder(state["autoencoder.basis"], state["autoencoder.mean"], state["autoencoder.scale"])

@@ -2,8 +2,8 @@
 schedule's target (v-prediction, Salimans & Ho 2022, for the world base) with 10 % empty captions for
 classifier-free guidance (Ho & Salimans 2022) and an EMA of the weights.
 
-    python -m zeroconv.training.train_world_base --out output/world_base.safetensors --seed 0
-    python -m zeroconv.training.train_world_base --init output/world_base.safetensors --out ... --seed 1  # go on
+    python -m zeroconv.demo.train_world_base --out output/world_base.safetensors --seed 0
+    python -m zeroconv.demo.train_world_base --init output/world_base.safetensors --out ... --seed 1  # go on
 """
 from __future__ import annotations
 
@@ -117,7 +117,7 @@ def train(cfg: BaseTrainConfig) -> dict[str, float]:
     final = WorldBase(ema["unet"], ema["text_encoder"], base.autoencoder, base.schedule, base.image_size,
                       base.latent_scale_factor)
     result = {"final_loss": float(np.mean(losses[-500:])), "wall_s": round(wall, 1)}
-    command = f"python -m zeroconv.training.train_world_base --out {cfg.out} --seed {cfg.seed} --steps {cfg.steps}"
+    command = f"python -m zeroconv.demo.train_world_base --out {cfg.out} --seed {cfg.seed} --steps {cfg.steps}"
     provenance = {"command": command + (f" --init {cfg.init}" if cfg.init else ""), "config": asdict(cfg), **result,
                   "machine": f"{platform.machine()} {platform.processor() or platform.system()}, "
                              f"{cfg.threads} torch threads, torch {torch.__version__}"}
@@ -127,7 +127,7 @@ def train(cfg: BaseTrainConfig) -> dict[str, float]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m zeroconv.training.train_world_base", description=__doc__,
+    parser = argparse.ArgumentParser(prog="python -m zeroconv.demo.train_world_base", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     defaults = BaseTrainConfig()
     for name, value in asdict(defaults).items():

@@ -3,7 +3,8 @@
 Read: original v1.0 files (`control_model.` prefix, with or without the whole SD model, Lightning nesting),
 pruned community files, v1.1 bare LDM files (with an optional `.yaml` beside), diffusers folders and single
 files, diff ControlNets and Control-LoRA (relative to a base U-Net), shuffle-type models, and our native files.
-Other kinds (Union, T2I-Adapter, LLLite, XS, SD3/Flux, ...) are recognised and refused with a clear error.
+Flux and SD3/SD3.5 ControlNets are detected here and loaded by dit_checkpoint.py. Other kinds (Union, T2I-Adapter,
+LLLite, XS, ...) are recognised and refused with a clear error.
 
 How a load runs: open the file lazily (safetensors_io), detect the format from marker keys (keymaps.FORMAT_MARKERS),
 rename keys to the LDM layout with one generic `apply_rules`, decide the architecture (native metadata, else the
@@ -51,8 +52,11 @@ class CheckpointFormat(str, Enum):
     CONTROLNET_XS = "controlnet_xs"
     T2I_ADAPTER = "t2i_adapter"
     LLLITE = "lllite"
-    SD3 = "sd3"
-    FLUX = "flux"
+    FLUX_XLABS = "flux_xlabs"  # transformer ControlNets: loaded by dit_checkpoint.py
+    FLUX_MISTOLINE = "flux_mistoline"
+    FLUX_INSTANTX = "flux_instantx"
+    SD3_DIFFUSERS = "sd3_diffusers"
+    SD35 = "sd35"
     DIT = "dit"
     IP_ADAPTER = "ip_adapter"
     SD_MODEL = "sd_model"
@@ -68,10 +72,6 @@ UNSUPPORTED: dict[CheckpointFormat, tuple[str, str]] = {
     CheckpointFormat.T2I_ADAPTER: ("a T2I-Adapter, not a ControlNet",
                                    "load it with ComfyUI's core ControlNet loader, which reads T2I-Adapters"),
     CheckpointFormat.LLLITE: ("a ControlNet-LLLite (kohya) model", "use a ControlNet-LLLite node pack"),
-    CheckpointFormat.SD3: ("an SD3 / SD3.5 ControlNet, made for a transformer model",
-                           "load it with ComfyUI's core ControlNet loader and an SD3 model"),
-    CheckpointFormat.FLUX: ("a Flux ControlNet, made for a transformer model",
-                            "load it with ComfyUI's core ControlNet loader and a Flux model"),
     CheckpointFormat.DIT: ("a ControlNet for a transformer (DiT) model such as Hunyuan-DiT",
                            "load it with ComfyUI's core ControlNet loader"),
     CheckpointFormat.IP_ADAPTER: ("an IP-Adapter, not a ControlNet", "use an IP-Adapter node pack"),
@@ -79,6 +79,8 @@ UNSUPPORTED: dict[CheckpointFormat, tuple[str, str]] = {
                                 "put it in models/checkpoints and give a ControlNet file here"),
 }
 LOADABLE = frozenset(CheckpointFormat) - frozenset(UNSUPPORTED)
+TRANSFORMER_FORMATS = frozenset({CheckpointFormat.FLUX_XLABS, CheckpointFormat.FLUX_MISTOLINE,
+                                 CheckpointFormat.FLUX_INSTANTX, CheckpointFormat.SD3_DIFFUSERS, CheckpointFormat.SD35})
 
 
 @dataclass
@@ -242,6 +244,10 @@ def load_controlnet(path: str | Path, *, base_unet: nn.Module | Mapping[str, tor
     weights = open_weights(path)
     names = _strip_wrappers(weights.keys())
     fmt = _detect(names, weights.path)
+    if fmt in TRANSFORMER_FORMATS:
+        from .dit_checkpoint import load_dit_controlnet  # it builds on this module
+
+        return load_dit_controlnet(path, dtype=dtype, device=device)
     if fmt in UNSUPPORTED:
         kind, advice = UNSUPPORTED[fmt]
         raise ValueError(f"{weights.path} is {kind} ({fmt.value}), which is not supported yet: {advice}")

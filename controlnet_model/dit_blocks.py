@@ -34,7 +34,7 @@ def apply_rope(x: torch.Tensor, pe: torch.Tensor) -> torch.Tensor:
     """Rotate consecutive pairs of the head dimension of (B, H, L, D) by pe."""
     pairs = x.float().unflatten(-1, (-1, 1, 2))  # (B, H, L, D/2, 1, 2)
     out = pe[..., 0] * pairs[..., 0] + pe[..., 1] * pairs[..., 1]
-    return out.flatten(-3).type_as(x)
+    return out.flatten(-2).type_as(x)
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pe: torch.Tensor | None = None) -> torch.Tensor:

@@ -12,8 +12,10 @@ from dataclasses import dataclass
 from typing import Callable, Sequence
 
 import torch
+from torch import nn
 
 from .flux_controlnet import DiTBlockOutputs
+from .residuals import ControlMode, ControlSettings, mask_to_tokens, scale_tokens
 
 Residuals = tuple[torch.Tensor | None, ...]
 
@@ -216,3 +218,53 @@ def flux_union_mode(mode: str | int | None, num_modes: int, file: str = "the Con
         names = ", ".join(f"{i} {n}" for i, n in enumerate(FLUX_UNION_MODES[:num_modes]))
         raise ValueError(f"union mode {mode!r} is not one of the {num_modes} modes {file} has ({names})")
     return index
+
+
+# ---- one control at one step, and several ------------------------------------------------------------------
+@dataclass(frozen=True)
+class DiTControlUnit:
+    """A transformer ControlNet with its prepared hint and settings, ready to run at each sampling step."""
+
+    controlnet: nn.Module  # FluxControlNet or SD3ControlNet
+    format: str  # a DIT_FORMATS key (CheckpointFormat value)
+    hint: torch.Tensor  # pixels (1 or B, 3, 8h, 8w) in [0, 1], or latent_hint(...) (1 or B, C, h, w)
+    mode: int | None = None  # Flux union mode index (flux_union_mode), None: no mode token
+    settings: ControlSettings = ControlSettings()
+    host_double: int | None = None  # host depths, when not the table's (ComfyUI's) defaults
+    host_single: int | None = None
+
+
+def run_dit_control(unit: DiTControlUnit, x: torch.Tensor, timesteps: torch.Tensor, context: torch.Tensor,
+                    y: torch.Tensor | None = None, guidance: torch.Tensor | None = None,
+                    percent: float = 0.0) -> TokenResiduals | None:
+    """Residuals per host block of one ControlNet at one step, strength / schedule / step range / token mask
+    applied; None when it has no effect at this step (its forward is skipped).
+
+    timesteps: what the host's transformer gets (Flux: sigma; SD3: sigma x 1000; ComfyUI model_sampling.timestep).
+    """
+    settings, cfg = unit.settings, unit.controlnet.config
+    if settings.mode is not ControlMode.BALANCED:
+        raise ValueError(f"control mode {settings.mode.value!r} applies to U-Net ControlNets; use 'balanced' with "
+                         f"a {FAMILY_NAMES[spec_of(unit.format).family]} ControlNet")
+    strength = settings.strength_at(percent)
+    if strength == 0.0:
+        return None
+    channels = cfg.hint_channels // 4 if unit.format.startswith("flux") else cfg.hint_channels
+    check_hint(unit.format, unit.hint, channels)
+    out = unit.controlnet(x, unit.hint, timesteps, context, y, guidance=guidance, mode=unit.mode)
+    depth = getattr(cfg, "depth", None) if spec_of(unit.format).family == "sd3" else None
+    residuals = to_host(unit.format, out, depth, unit.host_double, unit.host_single)
+    mask = None if settings.mask is None else mask_to_tokens(settings.mask, tuple(x.shape[-2:]))
+    return scale_tokens(residuals, strength, mask)
+
+
+def compute_dit_residuals(units: Sequence[DiTControlUnit], x: torch.Tensor, timesteps: torch.Tensor,
+                          context: torch.Tensor, y: torch.Tensor | None = None, guidance: torch.Tensor | None = None,
+                          percent: float = 0.0) -> TokenResiduals | None:
+    """Sum of several transformer ControlNets' residuals at one step (paper §3: composition by addition)."""
+    total: TokenResiduals | None = None
+    for unit in units:
+        out = run_dit_control(unit, x, timesteps, context, y, guidance, percent)
+        if out is not None:
+            total = out if total is None else total + out
+    return total

@@ -179,11 +179,15 @@ def time_embedding(embedder: MLPEmbedder, t: torch.Tensor, dtype: torch.dtype, f
     return embedder(timestep_embedding(t.float() * factor, 256).to(dtype))
 
 
-def patchify(x: torch.Tensor, patch: int = 2) -> torch.Tensor:
-    """(B, C, H, W) -> (B, H/p * W/p, C*p*p), padded to whole patches (ComfyUI common_dit pad_to_patch_size)."""
+def pad_to_patches(x: torch.Tensor, patch: int) -> torch.Tensor:
+    """Circular padding to whole p x p patches at the bottom / right (ComfyUI common_dit pad_to_patch_size)."""
     pad_h, pad_w = (-x.shape[-2]) % patch, (-x.shape[-1]) % patch
-    if pad_h or pad_w:
-        x = F.pad(x, (0, pad_w, 0, pad_h), mode="circular")
+    return F.pad(x, (0, pad_w, 0, pad_h), mode="circular") if pad_h or pad_w else x
+
+
+def patchify(x: torch.Tensor, patch: int = 2) -> torch.Tensor:
+    """(B, C, H, W) -> (B, H/p * W/p, C*p*p), padded to whole patches."""
+    x = pad_to_patches(x, patch)
     b, c, h, w = x.shape
     x = x.reshape(b, c, h // patch, patch, w // patch, patch).permute(0, 2, 4, 1, 3, 5)
     return x.reshape(b, (h // patch) * (w // patch), c * patch * patch)
@@ -206,10 +210,7 @@ class PatchEmbed(nn.Module):
         self.proj = nn.Conv2d(in_channels, dim, patch, stride=patch)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        pad_h, pad_w = (-x.shape[-2]) % self.patch, (-x.shape[-1]) % self.patch
-        if pad_h or pad_w:
-            x = F.pad(x, (0, pad_w, 0, pad_h), mode="circular")
-        return self.proj(x).flatten(2).transpose(1, 2)
+        return self.proj(pad_to_patches(x, self.patch)).flatten(2).transpose(1, 2)
 
 
 def crop_positions(table: torch.Tensor, h: int, w: int) -> torch.Tensor:
@@ -220,3 +221,19 @@ def crop_positions(table: torch.Tensor, h: int, w: int) -> torch.Tensor:
                          "use a smaller image")
     top, left = (side - h) // 2, (side - w) // 2
     return table.reshape(1, side, side, -1)[:, top:top + h, left:left + w].reshape(1, h * w, -1)
+
+
+def sincos_positions(dim: int, h: int, w: int, center: float = 7.5, magnitude: float = 7.5) -> torch.Tensor:
+    """2-D sin-cos positions on an h x w grid spanning center +- magnitude along the shorter side: (1, h*w, dim)
+    (ComfyUI mmdit.py get_2d_sincos_pos_embed_torch, the SD3.5 ControlNet's positions)."""
+    small = min(h, w)
+    span_h, span_w = h / small * magnitude, w / small * magnitude
+    gh, gw = torch.meshgrid(torch.linspace(center - span_h, center + span_h, h),
+                            torch.linspace(center - span_w, center + span_w, w), indexing="ij")
+    omega = 1.0 / 10000 ** (torch.arange(dim // 4, dtype=torch.float32) / (dim / 4.0))
+
+    def axis(pos: torch.Tensor) -> torch.Tensor:
+        out = pos.reshape(-1, 1) * omega
+        return torch.cat([torch.sin(out), torch.cos(out)], dim=1)
+
+    return torch.cat([axis(gw), axis(gh)], dim=1)[None]

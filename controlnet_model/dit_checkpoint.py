@@ -22,7 +22,7 @@ from .diffusers_format import read_config_json
 from .dit_control import DiTFormatSpec, spec_of
 from .flux_controlnet import FluxControlNet, FluxControlNetConfig, HintInput
 from .safetensors_io import WeightFile, open_weights
-from .sd3_controlnet import SD3ControlNet, SD3ControlNetConfig
+from .sd3_controlnet import SD35ControlNet, SD3ControlNet, SD3ControlNetConfig
 
 FLOAT8 = frozenset({torch.float8_e4m3fn, torch.float8_e5m2})
 Loader = Callable[[], torch.Tensor]
@@ -34,7 +34,7 @@ HINT_BY_FORMAT = {"flux_xlabs": HintInput.PIXELS, "flux_mistoline": HintInput.PI
 class LoadedDiTControlNet:
     """A loaded transformer ControlNet: the module, its config, its format (and that format's table entry)."""
 
-    model: FluxControlNet | SD3ControlNet
+    model: FluxControlNet | SD3ControlNet | SD35ControlNet
     config: FluxControlNetConfig | SD3ControlNetConfig
     format: CheckpointFormat
     path: Path
@@ -61,15 +61,15 @@ def load_dit_controlnet(path: str | Path, *, dtype: torch.dtype | None = None,
     weights = open_weights(path)
     names = _strip_wrappers(weights.keys())
     fmt = CheckpointFormat(detect_format(names))
-    if fmt.value not in km.DIT_NATIVE_RULES and fmt.value not in ("flux_instantx", "sd3_diffusers"):
-        raise ValueError(f"{weights.path} is a {fmt.value} ControlNet, which is not supported yet: load it with "
-                         "ComfyUI's core ControlNet loader")
     plan = _plan(fmt.value, weights, names)
     shapes = {k: meta for k, (meta, _) in plan.items()}
     sidecar = _sidecar(weights.path)
     if fmt.value.startswith("flux"):
         config: Any = infer_flux_config(shapes, fmt.value, sidecar, weights.path)
         build: Callable[[], nn.Module] = functools.partial(FluxControlNet, config)
+    elif fmt is CheckpointFormat.SD35:
+        config = infer_sd35_config(shapes, weights, names, weights.path)
+        build = functools.partial(SD35ControlNet, config)
     else:
         config = infer_sd3_config(shapes, sidecar, weights.path)
         build = functools.partial(SD3ControlNet, config)
@@ -87,11 +87,13 @@ def _plan(fmt: str, weights: WeightFile, names: dict[str, str]) -> dict[str, tup
     if fmt in km.DIT_NATIVE_RULES:
         converted, unmatched = apply_rules(names, km.DIT_NATIVE_RULES[fmt])
         return {k: (weights.shapes[v], functools.partial(weights.load, v)) for k, v in converted.items()}
-    ranges = {"": [{}], "double": [{"i": i} for i in range(_count(names, km.DIT_DIFFUSERS_DOUBLE_KEY))],
-              "single": [{"i": i} for i in range(_count(names, km.DIT_DIFFUSERS_SINGLE_KEY))]}
+    rules_table, fused, other, counts = km.DIT_LAYOUTS[fmt]
+    names = {k: v for k, v in names.items() if not k.startswith(other)}
+    ranges = {"": [{}], "double": [], "single": []}
+    ranges.update({index: [{"i": i} for i in range(_count(names, key))] for index, key in counts.items()})
     plan: dict[str, tuple[torch.Tensor, Loader]] = {}
     used: set[str] = set()
-    for target, sources, index in km.DIT_DIFFUSERS_FUSED:
+    for target, sources, index in fused:
         for values in ranges[index]:
             for p in ("weight", "bias"):
                 keys = [names.get(s.format(p=p, **values)) for s in sources]
@@ -104,7 +106,7 @@ def _plan(fmt: str, weights: WeightFile, names: dict[str, str]) -> dict[str, tup
                 metas = [weights.shapes[k] for k in keys]
                 plan[target.format(p=p, **values)] = (torch.cat(metas), functools.partial(_cat, weights, keys))
                 used.update(s.format(p=p, **values) for s in sources)
-    rules = [(src.format(**v), dst.format(**v)) for src, dst, index in km.DIT_DIFFUSERS_RULES for v in ranges[index]]
+    rules = [(src.format(**v), dst.format(**v)) for src, dst, index in rules_table for v in ranges[index]]
     converted, unmatched = apply_rules({k: v for k, v in names.items() if k not in used}, rules)
     if unmatched:
         raise KeyError(f"{weights.path}: {len(unmatched)} keys have no place in the {fmt} layout, e.g. "
@@ -199,3 +201,19 @@ def infer_sd3_config(shapes: Mapping[str, torch.Tensor], sidecar: Mapping[str, A
         pooled_dim=_need(shapes, "vector_in.in_layer.weight", file).shape[1],
         pos_embed_max_size=math.isqrt(_need(shapes, "pos_embed", file).shape[1]),
         qk_norm="double_blocks.0.img_attn.norm.query_norm.scale" in shapes)
+
+
+def infer_sd35_config(shapes: Mapping[str, torch.Tensor], weights: WeightFile, names: Mapping[str, str],
+                      file: Path) -> SD3ControlNetConfig:
+    """An SD3.5 Stability ControlNet: width from its pooled embedder, heads of width 64 (ComfyUI
+    load_controlnet_sd35), the control_type scalar when stored."""
+    y_emb = _need(shapes, "vector_in.in_layer.weight", file)
+    hidden = y_emb.shape[0]
+    double_y = y_emb.shape[0] == y_emb.shape[1]
+    key = names.get(km.DIT_SD35_CONTROL_TYPE)
+    control_type = -1 if key is None else round(float(weights.load(key).float().item()))
+    return SD3ControlNetConfig(
+        num_blocks=_count(shapes, "blocks.{n}.mod.lin.weight"), hidden_size=hidden, num_heads=hidden // 64,
+        hint_channels=_need(shapes, "pos_embed_input.proj.weight", file).shape[1],
+        pooled_dim=2048, context_dim=0, qk_norm="blocks.0.attn.norm.query_norm.scale" in shapes,
+        image_only=True, double_y_emb=double_y, control_type=control_type)

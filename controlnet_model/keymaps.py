@@ -185,8 +185,40 @@ DIT_DIFFUSERS_FUSED: tuple[tuple[str, tuple[str, ...], str], ...] = (
                                        "single_transformer_blocks.{i}.attn.to_v.{p}",
                                        "single_transformer_blocks.{i}.proj_mlp.{p}"), "single"),
 )
-DIT_DIFFUSERS_DOUBLE_KEY = "transformer_blocks.{n}.norm1.linear.weight"
-DIT_DIFFUSERS_SINGLE_KEY = "single_transformer_blocks.{n}.norm.linear.weight"
+# Stability's SD3.5 ControlNets (ComfyUI dit_embedder.py names; the MMDIT_MAP_BASIC diffusers aliases of the
+# embedders accepted too). Their image-only blocks are counted as "double".
+DIT_SD35_RULES: tuple[tuple[str, str, str], ...] = (
+    ("t_embedder.mlp.0.", "time_in.in_layer.", ""),
+    ("t_embedder.mlp.2.", "time_in.out_layer.", ""),
+    ("time_text_embed.timestep_embedder.linear_1.", "time_in.in_layer.", ""),
+    ("time_text_embed.timestep_embedder.linear_2.", "time_in.out_layer.", ""),
+    ("y_embedder.mlp.0.", "vector_in.in_layer.", ""),
+    ("y_embedder.mlp.2.", "vector_in.out_layer.", ""),
+    ("time_text_embed.text_embedder.linear_1.", "vector_in.in_layer.", ""),
+    ("time_text_embed.text_embedder.linear_2.", "vector_in.out_layer.", ""),
+    ("pos_embed_input.", "pos_embed_input.", ""),
+    ("controlnet_blocks.", "controlnet_blocks.", ""),
+    ("transformer_blocks.{i}.adaLN_modulation.1.", "blocks.{i}.mod.lin.", "double"),
+    ("transformer_blocks.{i}.attn.qkv.", "blocks.{i}.attn.qkv.", "double"),
+    ("transformer_blocks.{i}.attn.proj.", "blocks.{i}.attn.proj.", "double"),
+    ("transformer_blocks.{i}.attn.ln_q.weight", "blocks.{i}.attn.norm.query_norm.scale", "double"),
+    ("transformer_blocks.{i}.attn.ln_k.weight", "blocks.{i}.attn.norm.key_norm.scale", "double"),
+    ("transformer_blocks.{i}.mlp.fc1.", "blocks.{i}.mlp.0.", "double"),
+    ("transformer_blocks.{i}.mlp.fc2.", "blocks.{i}.mlp.2.", "double"),
+)
+# What an SD3.5 file may also hold and we do not load: the host's embedders (borrowed from the base at run time,
+# ComfyUI ControlNetSD35.pre_run) and the control_type scalar (read on its own).
+DIT_SD35_OTHER: tuple[str, ...] = ("x_embedder.", "pos_embed.proj.", "orig_y_embedder.", "control_type")
+DIT_SD35_CONTROL_TYPE = "control_type"
+# Each diffusers-like layout: (rules, fused groups, other prefixes left out, {index set: block-count template}).
+DIT_LAYOUTS: dict[str, tuple[tuple, tuple, tuple[str, ...], dict[str, str]]] = {
+    "flux_instantx": (DIT_DIFFUSERS_RULES, DIT_DIFFUSERS_FUSED, (),
+                      {"double": "transformer_blocks.{n}.norm1.linear.weight",
+                       "single": "single_transformer_blocks.{n}.norm.linear.weight"}),
+    "sd3_diffusers": (DIT_DIFFUSERS_RULES, DIT_DIFFUSERS_FUSED, (),
+                      {"double": "transformer_blocks.{n}.norm1.linear.weight"}),
+    "sd35": (DIT_SD35_RULES, (), DIT_SD35_OTHER, {"double": "transformer_blocks.{n}.adaLN_modulation.1.weight"}),
+}
 # Flux-layout files (XLabs, Mistoline) need only Mistoline's one rename (ComfyUI convert_mistoline).
 DIT_NATIVE_RULES: dict[str, tuple[tuple[str, str], ...]] = {
     "flux_xlabs": (("", ""),),

@@ -14,6 +14,7 @@ from typing import Callable, Sequence
 import torch
 from torch import nn
 
+from .config import FAMILY_NAMES
 from .flux_controlnet import DiTBlockOutputs
 from .residuals import ControlMode, ControlSettings, mask_to_tokens, scale_tokens
 
@@ -151,23 +152,7 @@ def to_host(fmt: str, outputs: DiTBlockOutputs, depth: int | None = None, host_d
     return TokenResiduals(tuple(blocks[i] for i in lists["input"]), tuple(blocks[i] for i in lists["output"]))
 
 
-# ---- checks a host calls before the first step -----------------------------------------------------------
-FAMILY_NAMES: dict[str, str] = {"flux": "Flux.1", "sd3": "SD3 / SD3.5"}
-
-
-def check_family(control_family: str, host_family: str, control_name: str = "the ControlNet",
-                 host_name: str = "the model") -> None:
-    """Refuse a ControlNet made for another family (Flux on SD3, a U-Net ControlNet on Flux, ...), naming both.
-
-    Families: "flux", "sd3" for transformers, or a U-Net family name ("SD1.x", "SD2.x", "SDXL")."""
-    if control_family.lower() == host_family.lower():
-        return
-    named = FAMILY_NAMES.get(control_family, control_family)
-    raise ValueError(f"{control_name} is a {named} ControlNet but {host_name} is {FAMILY_NAMES.get(host_family, host_family)}; "
-                     f"load a ControlNet made for {FAMILY_NAMES.get(host_family, host_family)}, or use a "
-                     f"{named} model")
-
-
+# ---- checks a host calls before the first step (the family check is config.check_family) ------------------
 def needs_vae(fmt: str) -> bool:
     """True when the hint is the base VAE's latent of the control image (InstantX, SD3), not pixels."""
     return spec_of(fmt).hint_latent is not None

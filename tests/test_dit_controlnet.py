@@ -10,8 +10,9 @@ from safetensors.torch import save_file
 from zeroconv.controlnet_model.checkpoint import CheckpointFormat, detect_format, load_controlnet
 from zeroconv.controlnet_model.dit_blocks import image_ids, patchify
 from zeroconv.controlnet_model.dit_checkpoint import LoadedDiTControlNet, load_dit_controlnet
-from zeroconv.controlnet_model.dit_control import (DiTControlUnit, check_family, check_hint, flux_union_mode,
-                                                   host_lists, latent_hint, run_dit_control, to_host)
+from zeroconv.controlnet_model.config import check_family
+from zeroconv.controlnet_model.dit_control import (DiTControlUnit, check_hint, flux_union_mode, host_lists,
+                                                   latent_hint, run_dit_control)
 from zeroconv.controlnet_model.flux_controlnet import HintInput
 from zeroconv.controlnet_model.residuals import ControlSettings
 
@@ -227,3 +228,38 @@ def test_bad_union_mode_names_mode_file_and_count() -> None:
         flux_union_mode(9, 7)
     with pytest.raises(ValueError, match="has no union modes"):
         flux_union_mode("canny", 0, "pro2.safetensors")
+
+
+def sd35_layout_keys(blocks: int, hidden: int = 128) -> dict[str, tuple[int, ...]]:
+    """ComfyUI's ControlNetEmbedder (comfy/cldm/dit_embedder.py) names and shapes, with its own x_embedder."""
+    h = hidden
+    keys = {"x_embedder.proj.weight": (h, 16, 2, 2), "x_embedder.proj.bias": (h,),
+            "pos_embed_input.proj.weight": (h, 16, 2, 2), "pos_embed_input.proj.bias": (h,),
+            **_lin("t_embedder.mlp.0", h, 256), **_lin("t_embedder.mlp.2", h, h),
+            **_lin("y_embedder.mlp.0", h, 2048), **_lin("y_embedder.mlp.2", h, h)}
+    for i in range(blocks):
+        p = f"transformer_blocks.{i}"
+        keys.update({**_lin(f"{p}.adaLN_modulation.1", 6 * h, h), **_lin(f"{p}.attn.qkv", 3 * h, h),
+                     **_lin(f"{p}.attn.proj", h, h), **_lin(f"{p}.mlp.fc1", 4 * h, h), **_lin(f"{p}.mlp.fc2", h, 4 * h),
+                     **_lin(f"controlnet_blocks.{i}", h, h)})
+    return keys
+
+
+def test_sd35_layout_loads_strictly_and_borrows_the_host_patch_embedding(tmp_path) -> None:
+    gen = torch.Generator().manual_seed(0)
+    state = {k: torch.randn(s, generator=gen).mul(0.05).to(torch.bfloat16) for k, s in sd35_layout_keys(3).items()}
+    save_file({**state, "control_type": torch.tensor(2.0)}, tmp_path / "sd35.safetensors")
+    loaded = load_controlnet(tmp_path / "sd35.safetensors", dtype=torch.float32)
+    cfg = loaded.config
+    assert loaded.format is CheckpointFormat.SD35 and (cfg.num_blocks, cfg.depth, cfg.control_type) == (3, 2, 2)
+    assert not any(k.startswith("x_embedder") for k in loaded.model.state_dict())
+    i = _inputs()
+    unit = DiTControlUnit(loaded.model, "sd35", latent_hint("sd35", i["latent"]))
+    with pytest.raises(ValueError, match="borrow_from_host"):
+        run_dit_control(unit, i["x"], i["sigma"] * 1000, i["context"], torch.randn(B, 2048))
+    with pytest.raises(KeyError, match="x_embedder.proj.bias"):
+        loaded.model.borrow_from_host({"x_embedder.proj.weight": state["x_embedder.proj.weight"]})
+    loaded.model.borrow_from_host({k: v for k, v in state.items() if k.startswith("x_embedder")})
+    with torch.no_grad():
+        res = run_dit_control(unit, i["x"], i["sigma"] * 1000, None, torch.randn(B, 2048))
+    assert len(res.output) == 2 and res.output[0].shape == (B, (H // 2) * (W // 2), 128)  # depth 2: first 2 blocks

@@ -2,8 +2,8 @@
 + `get_control`) on the same file and inputs. Needs COMFYUI_PATH (tests/comfyui_host.py); skipped otherwise.
 
 ComfyUI sizes Flux ControlNets as full Flux (3072 wide, 24 heads), so the Flux files are full width at reduced
-depth (XLabs: 1 double block; InstantX Union: 1 double + 1 single, 7 modes); the SD3 one is tiny (64 x depth
-wide), as are the SD3.5 one and its host patch embedding. Weights are random. XLabs' file is written by ComfyUI's own ControlNetFlux (its key layout), InstantX's and
+depth (XLabs: 1 double block; Mistoline: 1 + 1 single; InstantX Union: 1 double + 1 single, 7 modes); the SD3 one is tiny (64 x depth
+wide), as are the SD3.5 one and its host patch embedding. Weights are random. XLabs' and Mistoline's files are written by ComfyUI's own ControlNetFlux (their key layout), InstantX's and
 SD3's by diffusers. The model-sampling object handed to get_control is a stand-in with ComfyUI's flow timestep
 (Flux: sigma, SD3: sigma x 1000) and the VAE one whose encode is a fixed pooling, given to both sides.
 """
@@ -52,16 +52,18 @@ BODY = textwrap.dedent("""
         x_embedder = randomize(PatchEmbed(None, 2, 16, 128, strict_img_size=False, operations=comfy.ops.disable_weight_init))
         torch.save({"x_embedder." + k: v for k, v in x_embedder.state_dict().items()}, HOST)
         host = types.SimpleNamespace(diffusion_model=types.SimpleNamespace(x_embedder=x_embedder), model_sampling=None)
-    if BUILD == "xlabs":  # ComfyUI's own module gives the XLabs key layout
+    if BUILD in ("xlabs", "mistoline"):  # ComfyUI's own module gives the XLabs / Mistoline key layout
         torch.manual_seed(3)
-        net = ControlNetFlux(operations=comfy.ops.disable_weight_init, in_channels=16, out_channels=16, vec_in_dim=768,
-                             context_in_dim=4096, hidden_size=3072, mlp_ratio=4.0, num_heads=24, depth=1,
-                             depth_single_blocks=0, axes_dim=[16, 56, 56], theta=10000, patch_size=2, qkv_bias=True,
-                             guidance_embed=True)
-        with torch.no_grad():
-            for p in net.parameters():
-                p.copy_(torch.randn(p.shape) * 0.02)
-        save_file({k: v.to(torch.bfloat16).contiguous() for k, v in net.state_dict().items()}, FILE)
+        mistoline = BUILD == "mistoline"
+        net = randomize(ControlNetFlux(mistoline=mistoline, operations=comfy.ops.disable_weight_init, in_channels=16,
+                                       out_channels=16, vec_in_dim=768, context_in_dim=4096, hidden_size=3072,
+                                       mlp_ratio=4.0, num_heads=24, depth=1, depth_single_blocks=int(mistoline),
+                                       axes_dim=[16, 56, 56], theta=10000, patch_size=2, qkv_bias=True,
+                                       guidance_embed=True))
+        rename = "single_controlnet_blocks." if mistoline else "controlnet_single_blocks."  # Mistoline files' name
+        save_file({k.replace("controlnet_single_blocks.", rename): v.to(torch.bfloat16).contiguous()
+                   for k, v in net.state_dict().items()}, FILE)
+        del net
     control = comfy.controlnet.load_controlnet(FILE, model_options={"dtype": torch.float32})
     vae = types.SimpleNamespace(spacial_compression_encode=lambda: 8,
                                 encode=lambda img: torch.nn.functional.avg_pool2d(img.movedim(-1, 1), 8).repeat(1, 6, 1, 1)[:, :16])
@@ -123,12 +125,13 @@ def _assert_same(ours, theirs: dict) -> None:
                 assert b.abs().max() > 0 and (a - b).abs().max() <= 1e-4 * b.abs().max(), (key, i)
 
 
-def test_xlabs_residuals_equal_comfyui(tmp_path) -> None:
+@pytest.mark.parametrize("layout", ["xlabs", "mistoline"])
+def test_xlabs_and_mistoline_residuals_equal_comfyui(tmp_path, layout) -> None:
     inputs = _inputs(tmp_path, 4096, 768)
-    file = tmp_path / "xlabs.safetensors"
-    theirs = _comfy(tmp_path, file, latent=False, mode=None, time_scale=1.0, build="xlabs")
+    file = tmp_path / f"{layout}.safetensors"
+    theirs = _comfy(tmp_path, file, latent=False, mode=None, time_scale=1.0, build=layout)
     ours = _ours(file, False, inputs, None, 1.0)
-    assert len(ours.input) == 19 and len(theirs["input"]) == 19
+    assert len(ours.input) == 19 and len(ours.output) == (38 if layout == "mistoline" else 0)
     _assert_same(ours, theirs)
 
 

@@ -5,7 +5,7 @@ Step: the ControlNet's forward plus adding its residuals, against one step of a 
 same tokens. On a GPU (CUDA) at full width (3072, 1024x1024 image: 4096 image + 512 text tokens, bf16); on the CPU
 at reduced width (256, 2 heads of 128) with the token count scaled to keep tokens / width near Flux's at 1024 px
 (320 image + 64 text tokens), fp32. Layouts: InstantX Union (5 double + 10 single), Shakker Union-Pro 2.0
-(6 double), XLabs (2 double).
+(6 double), XLabs (2 double, its pixel-space hint encoder run every step, as ComfyUI does).
 
 Load: a full-size Union-Pro 2.0 layout file (6 double blocks, 2.1 B parameters, random bf16 weights, 4.3 GB)
 loaded by ZeroConv's load_controlnet and, when COMFYUI_PATH is set, by ComfyUI's comfy.controlnet.load_controlnet
@@ -34,8 +34,9 @@ sys.path.insert(0, str(Path(__file__).parent))
 from bench_load import comfyui_version, machine  # noqa: E402  (one machine description for all benchmarks)
 
 logger = logging.getLogger("bench_dit_controlnet")
-LAYOUTS = {"InstantX Union (5 double + 10 single)": (5, 10, 7), "Union-Pro 2.0 (6 double)": (6, 0, 0),
-           "XLabs (2 double)": (2, 0, 0)}
+# label: (double blocks, single blocks, union modes, format)
+LAYOUTS = {"InstantX Union (5 double + 10 single)": (5, 10, 7, "flux_instantx"),
+           "Union-Pro 2.0 (6 double)": (6, 0, 0, "flux_instantx"), "XLabs (2 double, pixel hint)": (2, 0, 0, "flux_xlabs")}
 
 
 class FluxShapedBase(nn.Module):
@@ -89,7 +90,7 @@ def _timed(fn, repeats: int, sync) -> list[float]:
 def step_rows(repeats: int) -> tuple[list[str], str]:
     """Median (min-max) seconds of the base step and of each ControlNet's forward + residual mapping."""
     from zeroconv.controlnet_model.dit_control import DiTControlUnit, run_dit_control
-    from zeroconv.controlnet_model.flux_controlnet import FluxControlNet, FluxControlNetConfig
+    from zeroconv.controlnet_model.flux_controlnet import FluxControlNet, FluxControlNetConfig, HintInput
 
     cuda = torch.cuda.is_available()
     device, dtype = ("cuda", torch.bfloat16) if cuda else ("cpu", torch.float32)
@@ -108,12 +109,14 @@ def step_rows(repeats: int) -> tuple[list[str], str]:
         base_times = _timed(lambda: base(x, **inputs), repeats, sync)
     base_med = statistics.median(base_times)
     rows = [f"| base step (19 double + 38 single) | {base_med:.3f} ({min(base_times):.3f}-{max(base_times):.3f}) | 1.00 |"]
-    for label, (double, single, modes) in LAYOUTS.items():
+    for label, (double, single, modes, fmt) in LAYOUTS.items():
+        pixels = fmt == "flux_xlabs"
         cfg = FluxControlNetConfig(depth=double, depth_single=single, hidden_size=dim, num_heads=heads,
-                                   guidance_embed=True, axes_dim=(16, 56, 56), num_union_modes=modes)
+                                   guidance_embed=True, axes_dim=(16, 56, 56), num_union_modes=modes,
+                                   hint=HintInput.PIXELS if pixels else HintInput.LATENT)
         net = FluxControlNet(cfg).to(device, dtype).eval()
-        unit = DiTControlUnit(net, "flux_instantx", torch.randn(1, 16, lh, lw, generator=gen).to(device, dtype),
-                              mode=2 if modes else None)
+        hint = torch.rand(1, 3, 8 * lh, 8 * lw, generator=gen) if pixels else torch.randn(1, 16, lh, lw, generator=gen)
+        unit = DiTControlUnit(net, fmt, hint.to(device, dtype), mode=2 if modes else None)
         with torch.no_grad():
             times = _timed(lambda: run_dit_control(unit, x, inputs["sigma"], inputs["context"], inputs["y"],
                                                    inputs["guidance"]), repeats, sync)
@@ -217,8 +220,8 @@ def main() -> int:
         with tempfile.TemporaryDirectory() as tmp:
             load, size = load_rows(args.load_repeats, Path(tmp))
         lines += ["", f"## Load of a full-size file (Union-Pro 2.0 layout, {size}, random weights)", "",
-                  f"Median (min-max) of {args.load_repeats} fresh processes; the file is in the page cache (written "
-                  "just before). Time = load + reading every weight once. Peak RSS includes the interpreter and "
+                  f"Median (min-max) of {args.load_repeats} fresh processes; the file was written just before (whether it "
+                  "stays in the page cache depends on free RAM). Time = load + reading every weight once. Peak RSS includes the interpreter and "
                   "imports; 'peak growth' is that minus the RSS just before loading.", "",
                   "| loader | seconds | peak RSS (MiB) | peak growth (MiB) | parameters |",
                   "| --- | --- | --- | --- | --- |", *load]

@@ -20,7 +20,7 @@ from collections import Counter
 from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
-from typing import Any, Callable, Iterable, Mapping, NamedTuple, Sequence, TypeVar
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Mapping, NamedTuple, Sequence, TypeVar
 
 import torch
 from torch import nn
@@ -32,6 +32,9 @@ from .diffusers_format import config_changes, diffusers_config, is_bgr, read_con
 from .metadata import FORMAT_VERSION, PREFIX, ControlNetMetadata, content_hash, control_type_from_name
 from .network import ControlNet
 from .safetensors_io import WeightFile, constant, open_weights, read_state_dict
+
+if TYPE_CHECKING:
+    from .dit_checkpoint import LoadedDiTControlNet
 
 logger = logging.getLogger(__name__)
 
@@ -230,8 +233,9 @@ def _attention_depth(state: Mapping[str, Any], prefix: str) -> int | None:
 
 # ---- loading ----------------------------------------------------------------------------------------------
 def load_controlnet(path: str | Path, *, base_unet: nn.Module | Mapping[str, torch.Tensor] | None = None,
-                    dtype: torch.dtype | None = None, device: str | torch.device = "cpu") -> LoadedControlNet:
-    """Load any supported ControlNet file strictly into our ControlNet.
+                    dtype: torch.dtype | None = None, device: str | torch.device = "cpu",
+                    ) -> LoadedControlNet | LoadedDiTControlNet:
+    """Load any supported ControlNet file strictly into our ControlNet (a Flux / SD3 one: dit_checkpoint.py).
 
     Args:
         path: a weight file (.safetensors, .pth, .ckpt, .bin) or a diffusers folder.

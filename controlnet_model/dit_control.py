@@ -165,6 +165,10 @@ def check_hint(fmt: str, hint: torch.Tensor | None, latent_channels: int, file: 
             raise ValueError(f"{file} ({fmt}) needs the control image as pixels (B, 3, H, W); got "
                              f"{None if hint is None else tuple(hint.shape)}")
         return
+    if hint is not None and hint.ndim == 4 and hint.shape[1] == latent_channels - 1:
+        raise ValueError(f"{file} ({fmt}) is an inpaint ControlNet: its hint is the VAE latent plus the keep mask "
+                         f"({latent_channels} channels), got {hint.shape[1]}; give a mask (latent_hint(..., keep, "
+                         f"channels={latent_channels}))")
     if hint is None or hint.ndim != 4 or hint.shape[1] != latent_channels:
         got = "no hint" if hint is None else f"a hint of shape {tuple(hint.shape)}"
         raise ValueError(f"{file} ({fmt}) needs a VAE input: its hint is the base model's VAE latent of the control "
@@ -172,17 +176,19 @@ def check_hint(fmt: str, hint: torch.Tensor | None, latent_channels: int, file: 
                          "node")
 
 
-def latent_hint(fmt: str, latent: torch.Tensor, mask: torch.Tensor | None = None,
+def latent_hint(fmt: str, latent: torch.Tensor, keep: torch.Tensor | None = None,
                 channels: int | None = None) -> torch.Tensor:
-    """The VAE latent (B, 16, h, w) of the control image scaled as the format expects, with the inpaint mask
-    channel appended for 17-channel files (1 = keep everywhere when no mask; ComfyUI concat_mask)."""
+    """The VAE latent (B, 16, h, w) of the control image scaled as the format expects; for 17-channel (inpaint)
+    files `channels=17` appends the keep mask (B, H, W), 1 where the image stays (1 - the inpaint mask; all ones
+    when None), resized nearest-exact (ComfyUI concat_mask, ControlNetInpaintingAliMamaApply). Encode the image
+    with the inpaint region blanked (image x keep) before."""
     scale, shift = spec_of(fmt).hint_latent or (None, None)
     if scale is None:
         raise ValueError(f"{fmt} takes the control image as pixels, not a VAE latent")
     hint = (latent - shift) * scale
     if channels == latent.shape[1] + 1:
-        m = torch.ones_like(hint[:, :1]) if mask is None else torch.nn.functional.interpolate(
-            mask.reshape(-1, 1, *mask.shape[-2:]).to(hint), size=hint.shape[-2:], mode="bilinear")
+        m = torch.ones_like(hint[:, :1]) if keep is None else torch.nn.functional.interpolate(
+            keep.reshape(-1, 1, *keep.shape[-2:]).to(hint), size=hint.shape[-2:], mode="nearest-exact")
         hint = torch.cat([hint, m.expand(hint.shape[0], -1, -1, -1)], dim=1)
     return hint
 

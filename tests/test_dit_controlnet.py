@@ -263,3 +263,23 @@ def test_sd35_layout_loads_strictly_and_borrows_the_host_patch_embedding(tmp_pat
     with torch.no_grad():
         res = run_dit_control(unit, i["x"], i["sigma"] * 1000, None, torch.randn(B, 2048))
     assert len(res.output) == 2 and res.output[0].shape == (B, (H // 2) * (W // 2), 128)  # depth 2: first 2 blocks
+
+
+def test_inpaint_file_takes_the_keep_mask_as_a_17th_latent_channel(tmp_path) -> None:
+    theirs, _ = _flux_diffusers(tmp_path, num_layers=1, num_single_layers=0)
+    state = dict(theirs.state_dict())
+    state["controlnet_x_embedder.weight"] = torch.randn(HIDDEN, 17 * 4) * 0.05  # alimama-style inpaint layout
+    save_file({k: v.contiguous() for k, v in state.items()}, tmp_path / "inpaint.safetensors")
+    loaded = load_dit_controlnet(tmp_path / "inpaint.safetensors")
+    assert loaded.config.inpaint
+    i = _inputs()
+    keep = torch.ones(1, 8 * H, 8 * W)
+    keep[:, :, : 4 * W] = 0.0
+    hint = latent_hint("flux_instantx", i["latent"], keep, channels=17)
+    assert hint.shape == (B, 17, H, W) and hint[:, 16, :, : W // 2].eq(0).all() and hint[:, 16, :, W // 2:].eq(1).all()
+    with torch.no_grad():
+        assert run_dit_control(DiTControlUnit(loaded.model, "flux_instantx", hint), i["x"], i["sigma"],
+                               i["context"], i["y"]) is not None
+    with pytest.raises(ValueError, match="inpaint ControlNet.*17 channels"):
+        run_dit_control(DiTControlUnit(loaded.model, "flux_instantx", i["latent"]), i["x"], i["sigma"],
+                        i["context"], i["y"])

@@ -19,7 +19,6 @@ import argparse
 import json
 import logging
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -31,7 +30,7 @@ import torch
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).parent))
-from bench_load import comfyui_version, machine  # noqa: E402  (one machine description for all benchmarks)
+from bench_load import STATUS, comfyui_note, machine, write_result  # noqa: E402  (shared by the benchmarks)
 
 logger = logging.getLogger("bench_dit_controlnet")
 # label: (double blocks, single blocks, union modes, format)
@@ -139,11 +138,7 @@ if kind == "comfyui":
 else:
     from zeroconv.controlnet_model.checkpoint import load_controlnet
 
-def status(field):
-    for line in open("/proc/self/status"):
-        if line.startswith(field):
-            return int(line.split()[1]) / 1024
-
+""" + STATUS + r"""
 before = status("VmRSS")
 t0 = time.perf_counter()
 if kind == "comfyui":
@@ -210,8 +205,7 @@ def main() -> int:
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     step, where = step_rows(args.repeats)
-    comfy = f"; ComfyUI {comfyui_version()}" if os.environ.get("COMFYUI_PATH") else "; ComfyUI not run (no COMFYUI_PATH)"
-    lines = ["# Flux ControlNet benchmark", "", f"Machine: {machine()}{comfy}.", "",
+    lines = ["# Flux ControlNet benchmark", "", f"Machine: {machine()}{comfyui_note()}.", "",
              f"## Per-step cost ({where})", "",
              f"Median (min-max) of {args.repeats} runs after one warm-up. ControlNet = its forward + spreading its "
              "residuals over the host blocks + strength; the base is a Flux-shaped stand-in with random weights.", "",
@@ -220,15 +214,13 @@ def main() -> int:
         with tempfile.TemporaryDirectory() as tmp:
             load, size = load_rows(args.load_repeats, Path(tmp))
         lines += ["", f"## Load of a full-size file (Union-Pro 2.0 layout, {size}, random weights)", "",
-                  f"Median (min-max) of {args.load_repeats} fresh processes; the file was written just before (whether it "
-                  "stays in the page cache depends on free RAM). Time = load + reading every weight once. Peak RSS includes the interpreter and "
-                  "imports; 'peak growth' is that minus the RSS just before loading.", "",
+                  f"Median (min-max) of {args.load_repeats} fresh processes; the file was written just before "
+                  "(whether it stays in the page cache depends on free RAM). Time = load + reading every weight "
+                  "once. Peak RSS includes the interpreter and imports; 'peak growth' is that minus the RSS just "
+                  "before loading.", "",
                   "| loader | seconds | peak RSS (MiB) | peak growth (MiB) | parameters |",
                   "| --- | --- | --- | --- | --- |", *load]
-    args.out.mkdir(parents=True, exist_ok=True)
-    result = args.out / f"dit-{platform.node() or 'machine'}.md"
-    result.write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    write_result(args.out, "dit", lines)
     return 0
 
 

@@ -519,16 +519,22 @@ def expected_state(config: ControlNetConfig) -> dict[str, torch.Tensor]:
 def check_fits(shapes: Mapping[str, torch.Tensor], config: ControlNetConfig, what: str) -> dict[str, torch.Tensor]:
     """Strict check of names and shapes against the architecture: KeyError / ValueError naming what is off."""
     expected = expected_state(config)
+    check_names_and_shapes(shapes, expected, what, config.family)
+    return expected
+
+
+def check_names_and_shapes(shapes: Mapping[str, torch.Tensor], expected: Mapping[str, torch.Tensor], what: str,
+                           architecture: str) -> None:
+    """Every expected key present with its shape, nothing else (KeyError / ValueError naming what is off)."""
     unexpected, missing = sorted(set(shapes) - set(expected)), sorted(set(expected) - set(shapes))
     if unexpected or missing:
-        raise KeyError(f"{what} does not match the {config.family} architecture: {len(unexpected)} unexpected keys "
+        raise KeyError(f"{what} does not match the {architecture} architecture: {len(unexpected)} unexpected keys "
                        f"{unexpected[:10]}, {len(missing)} missing keys {missing[:10]}; it is incomplete or not a "
                        "ControlNet of this kind")
     wrong = [f"{k} {tuple(shapes[k].shape)} != {tuple(t.shape)}" for k, t in expected.items()
              if shapes[k].shape != t.shape]
     if wrong:
-        raise ValueError(f"{what}: {len(wrong)} tensors have the wrong shape for {config.family}, e.g. {wrong[:5]}")
-    return expected
+        raise ValueError(f"{what}: {len(wrong)} tensors have the wrong shape for {architecture}, e.g. {wrong[:5]}")
 
 
 def _build(config: ControlNetConfig, plan: Plan, file: Path, dtype: torch.dtype, device: torch.device) -> ControlNet:

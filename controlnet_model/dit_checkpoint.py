@@ -17,9 +17,10 @@ import torch
 from torch import nn
 
 from . import keymaps as km
-from .checkpoint import CheckpointFormat, _count, _strip_wrappers, apply_rules, detect_format
+from .checkpoint import (CheckpointFormat, _count, _strip_wrappers, apply_rules, check_names_and_shapes,
+                         detect_format)
 from .diffusers_format import read_config_json
-from .dit_control import DiTFormatSpec, spec_of
+from .dit_control import DIT_FORMATS, DiTFormatSpec, spec_of
 from .flux_controlnet import FluxControlNet, FluxControlNetConfig, HintInput
 from .safetensors_io import WeightFile, open_weights
 from .sd3_controlnet import SD35ControlNet, SD3ControlNet, SD3ControlNetConfig
@@ -61,6 +62,9 @@ def load_dit_controlnet(path: str | Path, *, dtype: torch.dtype | None = None,
     weights = open_weights(path)
     names = _strip_wrappers(weights.keys())
     fmt = CheckpointFormat(detect_format(names))
+    if fmt.value not in DIT_FORMATS:
+        raise ValueError(f"{weights.path} is a {fmt.value} checkpoint, not a Flux or SD3 ControlNet; load it with "
+                         "checkpoint.load_controlnet")
     plan = _plan(fmt.value, weights, names)
     shapes = {k: meta for k, (meta, _) in plan.items()}
     sidecar = _sidecar(weights.path)
@@ -75,7 +79,7 @@ def load_dit_controlnet(path: str | Path, *, dtype: torch.dtype | None = None,
         build = functools.partial(SD3ControlNet, config)
     with torch.device("meta"):
         model = build()
-    _check(shapes, model.state_dict(), weights.path, config)
+    check_names_and_shapes(shapes, model.state_dict(), str(weights.path), f"{fmt.value} ({type(config).__name__})")
     dtype = dtype or _file_dtype(shapes)
     tensors = {k: load().to(device=device, dtype=dtype) for k, (_, load) in plan.items()}  # one at a time
     model.load_state_dict(tensors, strict=True, assign=True)
@@ -134,19 +138,6 @@ def _file_dtype(shapes: Mapping[str, torch.Tensor]) -> torch.dtype:
             counts[t.dtype] = counts.get(t.dtype, 0) + t.numel()
     dtype = max(counts, key=counts.__getitem__) if counts else torch.float32
     return torch.bfloat16 if dtype in FLOAT8 else dtype
-
-
-def _check(shapes: Mapping[str, torch.Tensor], expected: Mapping[str, torch.Tensor], file: Path, config: Any) -> None:
-    """Strict names and shapes against the model built from the inferred config (KeyError / ValueError)."""
-    unexpected, missing = sorted(set(shapes) - set(expected)), sorted(set(expected) - set(shapes))
-    if unexpected or missing:
-        raise KeyError(f"{file} does not match the {type(config).__name__} inferred from it: {len(unexpected)} "
-                       f"unexpected keys {unexpected[:10]}, {len(missing)} missing keys {missing[:10]}; it is "
-                       "incomplete or mixes layouts")
-    wrong = [f"{k} {tuple(shapes[k].shape)} != {tuple(t.shape)}" for k, t in expected.items()
-             if shapes[k].shape != t.shape]
-    if wrong:
-        raise ValueError(f"{file}: {len(wrong)} tensors have the wrong shape, e.g. {wrong[:5]}")
 
 
 # ---- architecture from the shapes --------------------------------------------------------------------------

@@ -2,10 +2,11 @@
 + `get_control`) on the same file and inputs. Needs COMFYUI_PATH (tests/comfyui_host.py); skipped otherwise.
 
 ComfyUI sizes Flux ControlNets as full Flux (3072 wide, 24 heads), so the Flux files are full width at reduced
-depth (XLabs: 1 double block; Mistoline: 1 + 1 single; InstantX Union: 1 double + 1 single, 7 modes); the SD3 one is tiny (64 x depth
-wide), as are the SD3.5 one and its host patch embedding. Weights are random. XLabs' and Mistoline's files are written by ComfyUI's own ControlNetFlux (their key layout), InstantX's and
-SD3's by diffusers. The model-sampling object handed to get_control is a stand-in with ComfyUI's flow timestep
-(Flux: sigma, SD3: sigma x 1000) and the VAE one whose encode is a fixed pooling, given to both sides.
+depth (XLabs: 1 double block; Mistoline: 1 double + 1 single; InstantX Union: 1 + 1, 7 modes); the SD3 and SD3.5
+ones are tiny (64 x depth wide), as is the SD3.5 host's patch embedding. Weights are random. The XLabs, Mistoline
+and SD3.5 files are written by ComfyUI's own modules (their key layouts), the InstantX and SD3 ones by diffusers.
+The model-sampling object handed to get_control is a stand-in with ComfyUI's flow timestep (Flux: sigma, SD3:
+sigma x 1000), and the VAE one whose encode is a fixed pooling, the same on both sides.
 """
 from __future__ import annotations
 

@@ -25,6 +25,13 @@ import torch
 
 logger = logging.getLogger("bench_load")
 
+# The child processes' memory probe (MiB from /proc/self/status: VmRSS now, VmHWM the high-water mark).
+STATUS = r"""
+def status(field):
+    for line in open("/proc/self/status"):
+        if line.startswith(field):
+            return int(line.split()[1]) / 1024
+"""
 CHILD = r"""
 import json, os, sys, time
 kind, path, config = sys.argv[1], sys.argv[2], sys.argv[3]
@@ -39,11 +46,7 @@ elif kind.startswith("diffusers"):
 else:
     from zeroconv.controlnet_model.checkpoint import load_controlnet
 
-def status(field):
-    for line in open("/proc/self/status"):
-        if line.startswith(field):
-            return int(line.split()[1]) / 1024
-
+""" + STATUS + r"""
 before = status("VmRSS")
 t0 = time.perf_counter()
 if kind == "zeroconv-fp16":
@@ -108,6 +111,19 @@ def comfyui_version() -> str:
     return path.read_text().split('"')[1] if path.is_file() else "unknown version"
 
 
+def comfyui_note() -> str:
+    return f"; ComfyUI {comfyui_version()}" if os.environ.get("COMFYUI_PATH") else "; ComfyUI not run (no COMFYUI_PATH)"
+
+
+def write_result(out: Path, stem: str, lines: list[str]) -> Path:
+    """bench/results/<stem>-<machine>.md, also printed."""
+    out.mkdir(parents=True, exist_ok=True)
+    result = out / f"{stem}-{platform.node() or 'machine'}.md"
+    result.write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+    return result
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--repeats", type=int, default=3)
@@ -137,18 +153,14 @@ def main() -> int:
                         f"{med['peak_rss_mib'] - med['rss_before_mib']:.0f} | {'/'.join(runs[0]['dtypes'])} | "
                         f"{runs[0]['params']:,} |")
             logger.info(rows[-1])
-    comfy = f"; ComfyUI {comfyui_version()}" if os.environ.get("COMFYUI_PATH") else "; ComfyUI not run (no COMFYUI_PATH)"
     lines = ["# ControlNet load benchmark (SD1.5, random weights, fp16 safetensors)", "",
-             f"Machine: {machine()}{comfy}.",
+             f"Machine: {machine()}{comfyui_note()}.",
              f"Median of {args.repeats} fresh processes per loader; the {size_mb:.0f} MB file is in the page cache "
              "(written just before). Time = load + reading every weight once. Peak RSS is the process high-water "
              "mark (interpreter and imports included); 'peak growth' is that minus the RSS just before loading.", "",
              "| loader | seconds | peak RSS (MiB) | peak growth (MiB) | dtype | parameters |",
              "| --- | --- | --- | --- | --- | --- |", *rows]
-    args.out.mkdir(parents=True, exist_ok=True)
-    result = args.out / f"load-{platform.node() or 'machine'}.md"
-    result.write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    write_result(args.out, "load", lines)
     return 0
 
 

@@ -3,7 +3,9 @@
 Read in this order: config.py (architectures as data), blocks.py and layout.py (the LDM U-Net parts),
 network.py (the ControlNet), unet.py (the locked base), residuals.py (where residuals enter a U-Net and how
 they are scaled), from_unet.py (a fresh ControlNet from a U-Net), hint.py (fitting the control image),
-checkpoint.py (reading and writing files).
+checkpoint.py (reading and writing files). Transformer (Flux, SD3/SD3.5) ControlNets: dit_blocks.py (shared
+blocks), flux_controlnet.py, sd3_controlnet.py, dit_control.py (where their residuals go, one step of control),
+dit_checkpoint.py (loading).
 """
 from .config import PRESETS, ControlNetConfig, PredictionType, check_compatible, preset
 from .from_unet import init_from_unet

@@ -3,7 +3,8 @@
 Read: original v1.0 files (`control_model.` prefix, with or without the whole SD model, Lightning nesting),
 pruned community files, v1.1 bare LDM files (with an optional `.yaml` beside), diffusers folders and single
 files, diff ControlNets and Control-LoRA (relative to a base U-Net), shuffle-type models, and our native files.
-Other kinds (Union, T2I-Adapter, LLLite, XS, SD3/Flux, ...) are recognised and refused with a clear error.
+Flux and SD3/SD3.5 ControlNets are detected here and loaded by dit_checkpoint.py. Other kinds (Union, T2I-Adapter,
+LLLite, XS, ...) are recognised and refused with a clear error.
 
 How a load runs: open the file lazily (safetensors_io), detect the format from marker keys (keymaps.FORMAT_MARKERS),
 rename keys to the LDM layout with one generic `apply_rules`, decide the architecture (native metadata, else the
@@ -19,7 +20,7 @@ from collections import Counter
 from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
-from typing import Any, Callable, Iterable, Mapping, NamedTuple, Sequence, TypeVar
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Mapping, NamedTuple, Sequence, TypeVar
 
 import torch
 from torch import nn
@@ -31,6 +32,9 @@ from .diffusers_format import config_changes, diffusers_config, is_bgr, read_con
 from .metadata import FORMAT_VERSION, PREFIX, ControlNetMetadata, content_hash, control_type_from_name
 from .network import ControlNet
 from .safetensors_io import WeightFile, constant, open_weights, read_state_dict
+
+if TYPE_CHECKING:
+    from .dit_checkpoint import LoadedDiTControlNet
 
 logger = logging.getLogger(__name__)
 
@@ -51,8 +55,11 @@ class CheckpointFormat(str, Enum):
     CONTROLNET_XS = "controlnet_xs"
     T2I_ADAPTER = "t2i_adapter"
     LLLITE = "lllite"
-    SD3 = "sd3"
-    FLUX = "flux"
+    FLUX_XLABS = "flux_xlabs"  # transformer ControlNets: loaded by dit_checkpoint.py
+    FLUX_MISTOLINE = "flux_mistoline"
+    FLUX_INSTANTX = "flux_instantx"
+    SD3_DIFFUSERS = "sd3_diffusers"
+    SD35 = "sd35"
     DIT = "dit"
     IP_ADAPTER = "ip_adapter"
     SD_MODEL = "sd_model"
@@ -68,10 +75,6 @@ UNSUPPORTED: dict[CheckpointFormat, tuple[str, str]] = {
     CheckpointFormat.T2I_ADAPTER: ("a T2I-Adapter, not a ControlNet",
                                    "load it with ComfyUI's core ControlNet loader, which reads T2I-Adapters"),
     CheckpointFormat.LLLITE: ("a ControlNet-LLLite (kohya) model", "use a ControlNet-LLLite node pack"),
-    CheckpointFormat.SD3: ("an SD3 / SD3.5 ControlNet, made for a transformer model",
-                           "load it with ComfyUI's core ControlNet loader and an SD3 model"),
-    CheckpointFormat.FLUX: ("a Flux ControlNet, made for a transformer model",
-                            "load it with ComfyUI's core ControlNet loader and a Flux model"),
     CheckpointFormat.DIT: ("a ControlNet for a transformer (DiT) model such as Hunyuan-DiT",
                            "load it with ComfyUI's core ControlNet loader"),
     CheckpointFormat.IP_ADAPTER: ("an IP-Adapter, not a ControlNet", "use an IP-Adapter node pack"),
@@ -79,6 +82,8 @@ UNSUPPORTED: dict[CheckpointFormat, tuple[str, str]] = {
                                 "put it in models/checkpoints and give a ControlNet file here"),
 }
 LOADABLE = frozenset(CheckpointFormat) - frozenset(UNSUPPORTED)
+TRANSFORMER_FORMATS = frozenset({CheckpointFormat.FLUX_XLABS, CheckpointFormat.FLUX_MISTOLINE,
+                                 CheckpointFormat.FLUX_INSTANTX, CheckpointFormat.SD3_DIFFUSERS, CheckpointFormat.SD35})
 
 
 @dataclass
@@ -243,8 +248,9 @@ def _attention_depth(state: Mapping[str, Any], prefix: str) -> int | None:
 
 # ---- loading ----------------------------------------------------------------------------------------------
 def load_controlnet(path: str | Path, *, base_unet: nn.Module | Mapping[str, torch.Tensor] | None = None,
-                    dtype: torch.dtype | None = None, device: str | torch.device = "cpu") -> LoadedControlNet:
-    """Load any supported ControlNet file strictly into our ControlNet.
+                    dtype: torch.dtype | None = None, device: str | torch.device = "cpu",
+                    ) -> LoadedControlNet | LoadedDiTControlNet:
+    """Load any supported ControlNet file strictly into our ControlNet (a Flux / SD3 one: dit_checkpoint.py).
 
     Args:
         path: a weight file (.safetensors, .pth, .ckpt, .bin) or a diffusers folder.
@@ -257,6 +263,10 @@ def load_controlnet(path: str | Path, *, base_unet: nn.Module | Mapping[str, tor
     weights = open_weights(path)
     names = _strip_wrappers(weights.keys())
     fmt = _detect(names, weights.path)
+    if fmt in TRANSFORMER_FORMATS:
+        from .dit_checkpoint import load_dit_controlnet  # it builds on this module
+
+        return load_dit_controlnet(path, dtype=dtype, device=device)
     if fmt in UNSUPPORTED:
         kind, advice = UNSUPPORTED[fmt]
         raise ValueError(f"{weights.path} is {kind} ({fmt.value}), which is not supported yet: {advice}")
@@ -524,16 +534,22 @@ def expected_state(config: ControlNetConfig) -> dict[str, torch.Tensor]:
 def check_fits(shapes: Mapping[str, torch.Tensor], config: ControlNetConfig, what: str) -> dict[str, torch.Tensor]:
     """Strict check of names and shapes against the architecture: KeyError / ValueError naming what is off."""
     expected = expected_state(config)
+    check_names_and_shapes(shapes, expected, what, config.family)
+    return expected
+
+
+def check_names_and_shapes(shapes: Mapping[str, torch.Tensor], expected: Mapping[str, torch.Tensor], what: str,
+                           architecture: str) -> None:
+    """Every expected key present with its shape, nothing else (KeyError / ValueError naming what is off)."""
     unexpected, missing = sorted(set(shapes) - set(expected)), sorted(set(expected) - set(shapes))
     if unexpected or missing:
-        raise KeyError(f"{what} does not match the {config.family} architecture: {len(unexpected)} unexpected keys "
+        raise KeyError(f"{what} does not match the {architecture} architecture: {len(unexpected)} unexpected keys "
                        f"{unexpected[:10]}, {len(missing)} missing keys {missing[:10]}; it is incomplete or not a "
                        "ControlNet of this kind")
     wrong = [f"{k} {tuple(shapes[k].shape)} != {tuple(t.shape)}" for k, t in expected.items()
              if shapes[k].shape != t.shape]
     if wrong:
-        raise ValueError(f"{what}: {len(wrong)} tensors have the wrong shape for {config.family}, e.g. {wrong[:5]}")
-    return expected
+        raise ValueError(f"{what}: {len(wrong)} tensors have the wrong shape for {architecture}, e.g. {wrong[:5]}")
 
 
 def _build(config: ControlNetConfig, plan: Plan, file: Path, dtype: torch.dtype, device: torch.device) -> ControlNet:

@@ -180,3 +180,18 @@ def check_compatible(control: ControlNetConfig, unet: ControlNetConfig, control_
         return
     raise ValueError(f"{control_name} is {describe(control)} but {unet_name} is {describe(unet)}; "
                      f"load a ControlNet made for {unet.family}")
+
+
+# Transformer ControlNet families (dit_control.DIT_FORMATS) by their display names.
+FAMILY_NAMES: dict[str, str] = {"flux": "Flux.1", "sd3": "SD3 / SD3.5"}
+
+
+def check_family(control_family: str, host_family: str, control_name: str = "the ControlNet",
+                 host_name: str = "the model") -> None:
+    """Refuse a ControlNet of another family before the first step (a Flux ControlNet on SDXL, an SD one on Flux,
+    Flux on SD3), naming both. Families: "flux", "sd3", or a U-Net family ("SD1.x", "SD2.x", "SDXL")."""
+    if control_family.lower() == host_family.lower():
+        return
+    control, host = FAMILY_NAMES.get(control_family, control_family), FAMILY_NAMES.get(host_family, host_family)
+    raise ValueError(f"{control_name} is a {control} ControlNet but {host_name} is {host}; load a ControlNet made "
+                     f"for {host}, or use a {control} model")

@@ -40,10 +40,13 @@ FORMAT_MARKERS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("t2i_adapter", ("conv_in.weight", "body.0.block1.weight")),
     ("lllite", ("lllite_unet_input_blocks_4_1_transformer_blocks_0_attn1_to_q.down.0.weight",)),
     ("lllite", ("lllite_unet_input_blocks_4_1_transformer_blocks_0_attn1_to_q.conditioning1.0.weight",)),
-    ("sd3", ("controlnet_blocks.0.weight", "pos_embed_input.proj.weight")),
-    ("flux", ("controlnet_blocks.0.weight", "controlnet_x_embedder.weight")),
-    ("flux", ("controlnet_blocks.0.weight", "double_blocks.0.img_attn.norm.key_norm.scale")),
-    ("flux", ("controlnet_blocks.0.linear.weight",)),
+    # transformer ControlNets, in the order of ComfyUI comfy/controlnet.py load_controlnet_state_dict
+    ("flux_xlabs", ("controlnet_blocks.0.weight", "double_blocks.0.img_attn.norm.key_norm.scale")),
+    ("sd35", ("controlnet_blocks.0.weight", "pos_embed_input.proj.weight",
+              "transformer_blocks.0.adaLN_modulation.1.bias")),
+    ("sd3_diffusers", ("controlnet_blocks.0.weight", "pos_embed_input.proj.weight")),
+    ("flux_instantx", ("controlnet_blocks.0.weight", "controlnet_x_embedder.weight")),
+    ("flux_mistoline", ("controlnet_blocks.0.linear.weight",)),
     ("dit", ("controlnet_blocks.0.weight",)),
     ("dit", ("after_proj_list.0.bias",)),
     ("ip_adapter", ("ip_adapter.1.to_k_ip.weight",)),
@@ -131,3 +134,93 @@ DIFFUSERS_MID_ATTN_KEY = "mid_block.attentions.0.proj_in.weight"
 BGR_HINT_FIXES: tuple[tuple[str, str], ...] = (("input_hint_block.0.weight", "flip_input_channels"),)
 
 DIFFUSERS_CONFIG_NAME = "config.json"
+
+# ---- transformer ControlNets (Flux, SD3): diffusers layout -> our Flux-style layout (dit_blocks.py) -----------
+# (diffusers pattern, our pattern, index set): "" as written, "double" over joint / double blocks {i}, "single"
+# over single-stream blocks {i}. Names from diffusers transformer_flux.py / transformer_sd3.py and ComfyUI
+# comfy/ldm/flux/layers.py.
+DIT_DIFFUSERS_RULES: tuple[tuple[str, str, str], ...] = (
+    ("time_text_embed.timestep_embedder.linear_1.", "time_in.in_layer.", ""),
+    ("time_text_embed.timestep_embedder.linear_2.", "time_in.out_layer.", ""),
+    ("time_text_embed.guidance_embedder.linear_1.", "guidance_in.in_layer.", ""),
+    ("time_text_embed.guidance_embedder.linear_2.", "guidance_in.out_layer.", ""),
+    ("time_text_embed.text_embedder.linear_1.", "vector_in.in_layer.", ""),
+    ("time_text_embed.text_embedder.linear_2.", "vector_in.out_layer.", ""),
+    ("context_embedder.", "txt_in.", ""),
+    ("x_embedder.", "img_in.", ""),  # Flux: a Linear over patchified latents
+    ("pos_embed.proj.", "img_in.proj.", ""),  # SD3: a patch-embedding conv ...
+    ("pos_embed.pos_embed", "pos_embed", ""),  # ... and its stored position table
+    ("controlnet_x_embedder.", "pos_embed_input.", ""),
+    ("pos_embed_input.", "pos_embed_input.", ""),
+    ("controlnet_blocks.", "controlnet_blocks.", ""),
+    ("controlnet_single_blocks.", "controlnet_single_blocks.", ""),
+    ("controlnet_mode_embedder.", "controlnet_mode_embedder.", ""),
+    ("transformer_blocks.{i}.norm1.linear.", "double_blocks.{i}.img_mod.lin.", "double"),
+    ("transformer_blocks.{i}.norm1_context.linear.", "double_blocks.{i}.txt_mod.lin.", "double"),
+    ("transformer_blocks.{i}.attn.norm_q.weight", "double_blocks.{i}.img_attn.norm.query_norm.scale", "double"),
+    ("transformer_blocks.{i}.attn.norm_k.weight", "double_blocks.{i}.img_attn.norm.key_norm.scale", "double"),
+    ("transformer_blocks.{i}.attn.norm_added_q.weight", "double_blocks.{i}.txt_attn.norm.query_norm.scale", "double"),
+    ("transformer_blocks.{i}.attn.norm_added_k.weight", "double_blocks.{i}.txt_attn.norm.key_norm.scale", "double"),
+    ("transformer_blocks.{i}.attn.to_out.0.", "double_blocks.{i}.img_attn.proj.", "double"),
+    ("transformer_blocks.{i}.attn.to_add_out.", "double_blocks.{i}.txt_attn.proj.", "double"),
+    ("transformer_blocks.{i}.ff.net.0.proj.", "double_blocks.{i}.img_mlp.0.", "double"),
+    ("transformer_blocks.{i}.ff.net.2.", "double_blocks.{i}.img_mlp.2.", "double"),
+    ("transformer_blocks.{i}.ff_context.net.0.proj.", "double_blocks.{i}.txt_mlp.0.", "double"),
+    ("transformer_blocks.{i}.ff_context.net.2.", "double_blocks.{i}.txt_mlp.2.", "double"),
+    ("single_transformer_blocks.{i}.norm.linear.", "single_blocks.{i}.modulation.lin.", "single"),
+    ("single_transformer_blocks.{i}.proj_out.", "single_blocks.{i}.linear2.", "single"),
+    ("single_transformer_blocks.{i}.attn.norm_q.weight", "single_blocks.{i}.norm.query_norm.scale", "single"),
+    ("single_transformer_blocks.{i}.attn.norm_k.weight", "single_blocks.{i}.norm.key_norm.scale", "single"),
+)
+# Fused projections: (our key, diffusers keys concatenated along dim 0 in this order, index set); `{p}` is
+# "weight" and "bias". The inverse is a split at the sources' sizes.
+DIT_DIFFUSERS_FUSED: tuple[tuple[str, tuple[str, ...], str], ...] = (
+    ("double_blocks.{i}.img_attn.qkv.{p}", ("transformer_blocks.{i}.attn.to_q.{p}", "transformer_blocks.{i}.attn.to_k.{p}",
+                                            "transformer_blocks.{i}.attn.to_v.{p}"), "double"),
+    ("double_blocks.{i}.txt_attn.qkv.{p}", ("transformer_blocks.{i}.attn.add_q_proj.{p}",
+                                            "transformer_blocks.{i}.attn.add_k_proj.{p}",
+                                            "transformer_blocks.{i}.attn.add_v_proj.{p}"), "double"),
+    ("single_blocks.{i}.linear1.{p}", ("single_transformer_blocks.{i}.attn.to_q.{p}",
+                                       "single_transformer_blocks.{i}.attn.to_k.{p}",
+                                       "single_transformer_blocks.{i}.attn.to_v.{p}",
+                                       "single_transformer_blocks.{i}.proj_mlp.{p}"), "single"),
+)
+# Stability's SD3.5 ControlNets (ComfyUI dit_embedder.py names; the MMDIT_MAP_BASIC diffusers aliases of the
+# embedders accepted too). Their image-only blocks are counted as "double".
+DIT_SD35_RULES: tuple[tuple[str, str, str], ...] = (
+    ("t_embedder.mlp.0.", "time_in.in_layer.", ""),
+    ("t_embedder.mlp.2.", "time_in.out_layer.", ""),
+    ("time_text_embed.timestep_embedder.linear_1.", "time_in.in_layer.", ""),
+    ("time_text_embed.timestep_embedder.linear_2.", "time_in.out_layer.", ""),
+    ("y_embedder.mlp.0.", "vector_in.in_layer.", ""),
+    ("y_embedder.mlp.2.", "vector_in.out_layer.", ""),
+    ("time_text_embed.text_embedder.linear_1.", "vector_in.in_layer.", ""),
+    ("time_text_embed.text_embedder.linear_2.", "vector_in.out_layer.", ""),
+    ("pos_embed_input.", "pos_embed_input.", ""),
+    ("controlnet_blocks.", "controlnet_blocks.", ""),
+    ("transformer_blocks.{i}.adaLN_modulation.1.", "blocks.{i}.mod.lin.", "double"),
+    ("transformer_blocks.{i}.attn.qkv.", "blocks.{i}.attn.qkv.", "double"),
+    ("transformer_blocks.{i}.attn.proj.", "blocks.{i}.attn.proj.", "double"),
+    ("transformer_blocks.{i}.attn.ln_q.weight", "blocks.{i}.attn.norm.query_norm.scale", "double"),
+    ("transformer_blocks.{i}.attn.ln_k.weight", "blocks.{i}.attn.norm.key_norm.scale", "double"),
+    ("transformer_blocks.{i}.mlp.fc1.", "blocks.{i}.mlp.0.", "double"),
+    ("transformer_blocks.{i}.mlp.fc2.", "blocks.{i}.mlp.2.", "double"),
+)
+# What an SD3.5 file may also hold and we do not load: the host's embedders (borrowed from the base at run time,
+# ComfyUI ControlNetSD35.pre_run) and the control_type scalar (read on its own).
+DIT_SD35_OTHER: tuple[str, ...] = ("x_embedder.", "pos_embed.proj.", "orig_y_embedder.", "control_type")
+DIT_SD35_CONTROL_TYPE = "control_type"
+# Each diffusers-like layout: (rules, fused groups, other prefixes left out, {index set: block-count template}).
+DIT_LAYOUTS: dict[str, tuple[tuple, tuple, tuple[str, ...], dict[str, str]]] = {
+    "flux_instantx": (DIT_DIFFUSERS_RULES, DIT_DIFFUSERS_FUSED, (),
+                      {"double": "transformer_blocks.{n}.norm1.linear.weight",
+                       "single": "single_transformer_blocks.{n}.norm.linear.weight"}),
+    "sd3_diffusers": (DIT_DIFFUSERS_RULES, DIT_DIFFUSERS_FUSED, (),
+                      {"double": "transformer_blocks.{n}.norm1.linear.weight"}),
+    "sd35": (DIT_SD35_RULES, (), DIT_SD35_OTHER, {"double": "transformer_blocks.{n}.adaLN_modulation.1.weight"}),
+}
+# Flux-layout files (XLabs, Mistoline) need only Mistoline's one rename (ComfyUI convert_mistoline).
+DIT_NATIVE_RULES: dict[str, tuple[tuple[str, str], ...]] = {
+    "flux_xlabs": (("", ""),),
+    "flux_mistoline": (("single_controlnet_blocks.", "controlnet_single_blocks."), ("", "")),
+}

@@ -220,6 +220,22 @@ def scale_output(out: ControlNetOutput, mode: ControlMode, strength: float, mask
     return out.map(scale)
 
 
+def mask_to_tokens(mask: torch.Tensor, latent_hw: tuple[int, int], patch: int = 2) -> torch.Tensor:
+    """A (B, H, W) mask as a token mask (B, h*w, 1) over a transformer's 2x2-patch image tokens, row-major."""
+    grid = (-(-latent_hw[0] // patch), -(-latent_hw[1] // patch))
+    return _resize_mask(mask, grid).flatten(2).transpose(1, 2)
+
+
+def scale_tokens(out: Any, strength: float, token_mask: torch.Tensor | None = None) -> Any:
+    """Strength and token mask on token-space residuals (B, L, C) of a transformer ControlNet (anything with
+    `.map(fn)`, e.g. dit_control.TokenResiduals): residual x strength x mask of its token."""
+    def scale(r: torch.Tensor) -> torch.Tensor:
+        r = r * strength
+        return r if token_mask is None else r * token_mask[:, : r.shape[1]].to(r)
+
+    return out.map(scale)
+
+
 def run_control(unit: ControlUnit, x: torch.Tensor, timesteps: torch.Tensor, context: torch.Tensor,
                 y: torch.Tensor | None, percent: float, cond_rows: torch.Tensor | None = None) -> ControlNetOutput | None:
     """Residuals of one ControlNet at one step, or None when it has no effect (its forward is skipped).

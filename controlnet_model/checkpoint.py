@@ -3,7 +3,9 @@
 Read: original v1.0 files (`control_model.` prefix, with or without the whole SD model, Lightning nesting),
 pruned community files, v1.1 bare LDM files (with an optional `.yaml` beside), diffusers folders and single
 files, diff ControlNets and Control-LoRA (relative to a base U-Net), shuffle-type models, and our native files.
-Other kinds (Union, T2I-Adapter, LLLite, XS, SD3/Flux, ...) are recognised and refused with a clear error.
+xinsir's Union / ControlNet++ files (diffusers-keyed, folder or lone file) load into union.UnionControlNet;
+T2I-Adapters are read by t2i_adapter.load_t2i_adapter (load_control takes either kind). Other kinds (LLLite, XS,
+SD3/Flux, ...) are recognised and refused with a clear error.
 
 How a load runs: open the file lazily (safetensors_io), detect the format from marker keys (keymaps.FORMAT_MARKERS),
 rename keys to the LDM layout with one generic `apply_rules`, decide the architecture (native metadata, else the
@@ -30,6 +32,7 @@ from .config import FAMILY_BY_CONTEXT_DIM, ControlNetConfig
 from .diffusers_format import config_changes, diffusers_config, is_bgr, read_config_json
 from .metadata import FORMAT_VERSION, PREFIX, ControlNetMetadata, content_hash, control_type_from_name
 from .network import ControlNet
+from .union import UnionConfig, UnionControlNet, is_union_config
 from .safetensors_io import WeightFile, constant, open_weights, read_state_dict
 
 logger = logging.getLogger(__name__)
@@ -39,7 +42,7 @@ Rules = Sequence[tuple[str, str]]
 
 
 class CheckpointFormat(str, Enum):
-    """Checkpoint layouts (controlnet-formats.md §2.1); the first five load, the rest are recognised only."""
+    """Checkpoint layouts; DIFF / CONTROL_LORA need the base U-Net, UNSUPPORTED ones are recognised only."""
 
     LDM_FULL = "ldm_full"  # A: v1.0 file with the whole SD model inside (`control_model.` + `model.diffusion_model.`)
     LDM_PREFIXED = "ldm_prefixed"  # B: pruned v1.0 file, `control_model.` keys only
@@ -61,12 +64,8 @@ class CheckpointFormat(str, Enum):
 NEEDS_BASE = frozenset({CheckpointFormat.DIFF, CheckpointFormat.CONTROL_LORA})
 # What each recognised-but-refused kind is, and what to do instead.
 UNSUPPORTED: dict[CheckpointFormat, tuple[str, str]] = {
-    CheckpointFormat.UNION: ("a Union / ControlNet++ (xinsir) model, one network for several control types",
-                             "load it with ComfyUI's core ControlNet loader and SetUnionControlNetType"),
     CheckpointFormat.CONTROLNET_XS: ("a ControlNet-XS model (control and base exchange features both ways)",
                                      "use diffusers' ControlNetXSAdapter"),
-    CheckpointFormat.T2I_ADAPTER: ("a T2I-Adapter, not a ControlNet",
-                                   "load it with ComfyUI's core ControlNet loader, which reads T2I-Adapters"),
     CheckpointFormat.LLLITE: ("a ControlNet-LLLite (kohya) model", "use a ControlNet-LLLite node pack"),
     CheckpointFormat.SD3: ("an SD3 / SD3.5 ControlNet, made for a transformer model",
                            "load it with ComfyUI's core ControlNet loader and an SD3 model"),
@@ -245,6 +244,9 @@ def load_controlnet(path: str | Path, *, base_unet: nn.Module | Mapping[str, tor
     if fmt in UNSUPPORTED:
         kind, advice = UNSUPPORTED[fmt]
         raise ValueError(f"{weights.path} is {kind} ({fmt.value}), which is not supported yet: {advice}")
+    if fmt is CheckpointFormat.T2I_ADAPTER:
+        raise ValueError(f"{weights.path} is a T2I-Adapter, not a ControlNet: load it with "
+                         "t2i_adapter.load_t2i_adapter (or checkpoint.load_control, which takes either kind)")
     base = _base_weights(base_unet, fmt, weights.path)
     sidecar = _sidecar(fmt, weights.path)
     plan = _plan(fmt, weights, names, base, sidecar)
@@ -252,6 +254,8 @@ def load_controlnet(path: str | Path, *, base_unet: nn.Module | Mapping[str, tor
     if base is not None:
         plan = _fill_from_base(plan, config, base)
     model = _build(config, plan, weights.path, dtype or _file_dtype(weights), torch.device(device))
+    if isinstance(model, UnionControlNet):
+        model.source = path.name
     logger.info("loaded %s (%s, %s)", path.name, fmt.value, config.family)
     return LoadedControlNet(model, config, fmt, _describe(weights, config, fmt, path), path)
 
@@ -305,7 +309,7 @@ class Sidecar(NamedTuple):
 
 def _sidecar(fmt: CheckpointFormat, file: Path) -> Sidecar:
     """diffusers config.json beside `diffusion_pytorch_model*`, or the cldm .yaml beside an LDM file."""
-    if fmt is CheckpointFormat.DIFFUSERS:
+    if fmt is CheckpointFormat.DIFFUSERS or fmt is CheckpointFormat.UNION:
         named = file.name.startswith("diffusion_pytorch_model")
         return Sidecar(read_config_json(file.parent / km.DIFFUSERS_CONFIG_NAME) if named else {}, {})
     yaml_path = file.with_suffix(".yaml")
@@ -328,6 +332,8 @@ def _sidecar(fmt: CheckpointFormat, file: Path) -> Sidecar:
 # ---- plans: which tensor each ControlNet key gets, before anything is read ---------------------------------
 def _plan(fmt: CheckpointFormat, weights: WeightFile, names: dict[str, str], base: dict[str, torch.Tensor] | None,
           sidecar: Sidecar) -> Plan:
+    if fmt is CheckpointFormat.UNION:
+        return _plan_union(weights, names)
     if fmt is CheckpointFormat.DIFFUSERS:
         plan = _renamed(weights, names, invert(ldm_diffusers_rules(diffusers_layout(names))))
         return _apply_fixes(plan, km.BGR_HINT_FIXES) if is_bgr(sidecar.diffusers) else plan
@@ -337,6 +343,29 @@ def _plan(fmt: CheckpointFormat, weights: WeightFile, names: dict[str, str], bas
     if fmt is CheckpointFormat.CONTROL_LORA:
         return _plan_control_lora(plan, base or {}, weights.path)
     return plan
+
+
+def _plan_union(weights: WeightFile, names: dict[str, str]) -> Plan:
+    """Union: the ControlNet part diffusers-keyed (as released) or bare LDM (our native save); the Union modules
+    keep their names (keymaps.UNION_EXTRA_RULES)."""
+    body: Rules = (invert(ldm_diffusers_rules(diffusers_layout(names))) if km.DIFFUSERS_MARKER in names
+                   else list(km.LDM_BARE_RULES))
+    extras = set(apply_rules(names, km.UNION_EXTRA_RULES)[0])
+    plan = _renamed(weights, {k: v for k, v in names.items() if k not in extras}, body)
+    plan.update(_renamed(weights, {k: v for k, v in names.items() if k in extras}, km.UNION_EXTRA_RULES))
+    return plan
+
+
+def _union_config(config: ControlNetConfig, plan: Plan, sidecar: Sidecar) -> ControlNetConfig:
+    """The Union modules' sizes from the tensors (task_embedding rows = types); heads from config.json or 8."""
+    try:
+        types = plan["task_embedding"].meta.shape[0]
+        type_dim = plan["control_add_embedding.linear_1.weight"].meta.shape[1] // types
+    except KeyError as exc:
+        raise KeyError(f"Union file lacks {exc}; it is incomplete: fetch it again") from None
+    heads = sidecar.diffusers.get("num_trans_head", UnionConfig.heads)
+    return UnionConfig(num_control_types=types, type_embed_dim=type_dim, heads=int(heads),
+                       layers=_count(plan, "transformer_layes.{n}.ln_1.weight")).attach(config)
 
 
 def _renamed(weights: WeightFile, names: dict[str, str], rules: Rules, other_prefixes: tuple[str, ...] = (),
@@ -463,6 +492,8 @@ def _resolve_config(weights: WeightFile, plan: Plan, base: dict[str, torch.Tenso
         config = infer_config(shapes)
     except (KeyError, IndexError) as exc:
         raise KeyError(f"{weights.path}: {exc}; the file lacks part of a ControlNet") from None
+    if "task_embedding" in plan:
+        config = _union_config(config, plan, sidecar)
     config = config.replace(**config_changes(sidecar.diffusers, config, weights.path))
     config = config.replace(**_heads_from(sidecar.cldm or (_base_heads(base_unet) if base is not None else {})))
     if km.YAML_POOLING_FIELD in sidecar.cldm:
@@ -499,11 +530,22 @@ def _file_dtype(weights: WeightFile) -> torch.dtype:
     return counts.most_common(1)[0][0] if counts else torch.float32
 
 
-@functools.lru_cache(maxsize=16)
+def network_class(config: ControlNetConfig) -> type[ControlNet]:
+    """UnionControlNet for a config carrying a Union description, else the plain ControlNet."""
+    return UnionControlNet if is_union_config(config) else ControlNet
+
+
 def expected_state(config: ControlNetConfig) -> dict[str, torch.Tensor]:
     """The state dict a ControlNet of this config has, on the meta device (names, shapes, dtypes only)."""
+    union = config.extra.get("union") if is_union_config(config) else None
+    return _expected_state(config, None if union is None else tuple(sorted(union.items())))
+
+
+@functools.lru_cache(maxsize=16)
+def _expected_state(config: ControlNetConfig, union: tuple | None) -> dict[str, torch.Tensor]:
+    # `union` is in the key because ControlNetConfig's hash and == leave `extra` out
     with torch.device("meta"):
-        return dict(ControlNet(config).state_dict())
+        return dict(network_class(config)(config).state_dict())
 
 
 def check_fits(shapes: Mapping[str, torch.Tensor], config: ControlNetConfig, what: str) -> dict[str, torch.Tensor]:
@@ -526,7 +568,7 @@ def _build(config: ControlNetConfig, plan: Plan, file: Path, dtype: torch.dtype,
     expected = check_fits({k: s.meta for k, s in plan.items()}, config, str(file))
     tensors = {key: plan[key].load().to(device=device, dtype=dtype) for key in expected}  # one at a time
     with torch.device("meta"):
-        model = ControlNet(config)
+        model = network_class(config)(config)
     model.load_state_dict(tensors, strict=True, assign=True)
     return model.eval()
 
@@ -558,6 +600,8 @@ def save_controlnet(model_or_state: ControlNet | Mapping[str, torch.Tensor], pat
                         global_average_pooling=config.global_average_pooling, saved_as=path.name,
                         provenance=meta.provenance or "zeroconv save_controlnet")
     strings = {**meta.to_strings(), "format": "pt", PREFIX + "format": "ldm", PREFIX + "format_version": FORMAT_VERSION}
+    if is_union_config(config):
+        strings[PREFIX + "network"] = "union"  # bare LDM keys + the Union modules under their own names
     return atomic_save_safetensors(state, path, strings)
 
 

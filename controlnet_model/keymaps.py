@@ -50,6 +50,16 @@ FORMAT_MARKERS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("sd_model", ("model.diffusion_model.out.2.weight",)),
 )
 
+# Union (xinsir ControlNet++): its own modules keep their file names in every layout (diffusers-keyed release,
+# our native save); the ControlNet part follows LDM_DIFFUSERS_RULES or the bare LDM layout (DIFFUSERS_MARKER).
+UNION_EXTRA_RULES: tuple[tuple[str, str], ...] = (
+    ("task_embedding", "task_embedding"),
+    ("transformer_layes.", "transformer_layes."),
+    ("spatial_ch_projs.", "spatial_ch_projs."),
+    ("control_add_embedding.", "control_add_embedding."),
+)
+DIFFUSERS_MARKER = "controlnet_cond_embedding.conv_in.weight"
+
 # Wrapper prefixes added by torch.compile and DataParallel; stripped when every key has one.
 WRAPPER_PREFIXES: tuple[str, ...] = ("_orig_mod.", "module.")
 

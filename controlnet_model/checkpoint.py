@@ -32,6 +32,7 @@ from .config import FAMILY_BY_CONTEXT_DIM, ControlNetConfig
 from .diffusers_format import config_changes, diffusers_config, is_bgr, read_config_json
 from .metadata import FORMAT_VERSION, PREFIX, ControlNetMetadata, content_hash, control_type_from_name
 from .network import ControlNet
+from .t2i_adapter import AdapterConfig, AdapterKind, T2IAdapter
 from .union import UnionConfig, UnionControlNet, is_union_config
 from .safetensors_io import WeightFile, constant, open_weights, read_state_dict
 
@@ -53,6 +54,8 @@ class CheckpointFormat(str, Enum):
     UNION = "union"
     CONTROLNET_XS = "controlnet_xs"
     T2I_ADAPTER = "t2i_adapter"
+    T2I_STYLE = "t2i_style"
+    STABLE_CASCADE = "stable_cascade"
     LLLITE = "lllite"
     SD3 = "sd3"
     FLUX = "flux"
@@ -66,6 +69,12 @@ NEEDS_BASE = frozenset({CheckpointFormat.DIFF, CheckpointFormat.CONTROL_LORA})
 UNSUPPORTED: dict[CheckpointFormat, tuple[str, str]] = {
     CheckpointFormat.CONTROLNET_XS: ("a ControlNet-XS model (control and base exchange features both ways)",
                                      "use diffusers' ControlNetXSAdapter"),
+    CheckpointFormat.T2I_STYLE: ("a T2I style adapter, which turns a CLIP-vision image embedding into extra "
+                                 "prompt tokens rather than steering the U-Net's features",
+                                 "use ComfyUI's core StyleModelLoader and Apply Style Model nodes"),
+    CheckpointFormat.STABLE_CASCADE: ("a Stable Cascade ControlNet, made for Stable Cascade's stage C, not an SD "
+                                      "U-Net", "load it with ComfyUI's core ControlNet loader and a Stable Cascade "
+                                      "model"),
     CheckpointFormat.LLLITE: ("a ControlNet-LLLite (kohya) model", "use a ControlNet-LLLite node pack"),
     CheckpointFormat.SD3: ("an SD3 / SD3.5 ControlNet, made for a transformer model",
                            "load it with ComfyUI's core ControlNet loader and an SD3 model"),
@@ -645,3 +654,108 @@ def load_controlnet_cached(path: str | Path, dtype: torch.dtype | None = None) -
     """load_controlnet, reused while the file is unchanged (same path, mtime and size)."""
     stat = Path(path).stat()
     return _cached(str(Path(path).resolve()), stat.st_mtime, stat.st_size, dtype)
+
+
+# ---- T2I-Adapters -----------------------------------------------------------------------------------------
+@dataclass
+class LoadedAdapter:
+    """A loaded T2I-Adapter with what is known about it."""
+
+    model: T2IAdapter
+    config: AdapterConfig
+    format: CheckpointFormat
+    layout: str  # "original" (TencentARC) or "diffusers"
+    path: Path
+
+
+def load_t2i_adapter(path: str | Path, *, dtype: torch.dtype | None = None,
+                     device: str | torch.device = "cpu") -> LoadedAdapter:
+    """Load a T2I-Adapter strictly: TencentARC's layout (.pth read weights-only, or .safetensors) or diffusers'
+    (folder with config.json, or a lone file), full SD1.x, light (colour) and SDXL adapters."""
+    path = Path(path)
+    weights = open_weights(path)
+    names = _strip_wrappers(weights.keys())
+    fmt = _detect(names, weights.path)
+    if fmt in UNSUPPORTED:
+        kind, advice = UNSUPPORTED[fmt]
+        raise ValueError(f"{weights.path} is {kind} ({fmt.value}), which is not supported: {advice}")
+    if fmt is not CheckpointFormat.T2I_ADAPTER:
+        raise ValueError(f"{weights.path} is a ControlNet ({fmt.value}), not a T2I-Adapter: load it with "
+                         "load_controlnet (or load_control, which takes either kind)")
+    diffusers = any(k.startswith(km.T2I_DIFFUSERS_PREFIX) for k in names)
+    raw = read_config_json(weights.path.parent / km.DIFFUSERS_CONFIG_NAME) if (
+        diffusers and weights.path.name.startswith("diffusion_pytorch_model")) else {}
+    renamed = _t2i_original_names(names, weights.path) if diffusers else names
+    plan = _renamed(weights, renamed, km.T2I_ORIGINAL_RULES)
+    config = _t2i_config({k: s.meta for k, s in plan.items()}, raw, weights.path)
+    with torch.device("meta"):
+        expected = dict(T2IAdapter(config).state_dict())
+    what = f"{weights.path} (read as a {config.kind.value} T2I-Adapter)"
+    unexpected, missing = sorted(set(plan) - set(expected)), sorted(set(expected) - set(plan))
+    if unexpected or missing:
+        raise KeyError(f"{what}: {len(unexpected)} unexpected keys {unexpected[:10]}, {len(missing)} missing keys "
+                       f"{missing[:10]}; it is incomplete or another kind of adapter")
+    wrong = [f"{k} {tuple(plan[k].meta.shape)} != {tuple(t.shape)}" for k, t in expected.items()
+             if plan[k].meta.shape != t.shape]
+    if wrong:
+        raise ValueError(f"{what}: {len(wrong)} tensors have the wrong shape, e.g. {wrong[:5]}")
+    target_dtype = dtype or _file_dtype(weights)
+    tensors = {k: plan[k].load().to(device=device, dtype=target_dtype) for k in expected}
+    with torch.device("meta"):
+        model = T2IAdapter(config)
+    model.load_state_dict(tensors, strict=True, assign=True)
+    logger.info("loaded %s (T2I-Adapter %s)", path.name, config.kind.value)
+    return LoadedAdapter(model.eval(), config, fmt, "diffusers" if diffusers else "original", path)
+
+
+def t2i_diffusers_rules(names: Iterable[str]) -> list[tuple[str, str]]:
+    """keymaps.T2I_DIFFUSERS_*_RULES expanded over the levels and blocks a diffusers-named adapter has."""
+    present = set(names)
+    light = "adapter." + km.T2I_LIGHT_MARKER in present
+    levels, per = _count(present, km.T2I_DIFFUSERS_LEVEL_KEY), _count(present, km.T2I_DIFFUSERS_RES_KEY)
+    ranges: dict[str, list[dict[str, int]]] = {
+        "": [{}], "levels": [{"i": i, "n": i * per} for i in range(levels)],
+        "blocks": [{"i": i, "j": j, "n": i * per + j} for i in range(levels) for j in range(per)],
+    }
+    table = km.T2I_DIFFUSERS_LIGHT_RULES if light else km.T2I_DIFFUSERS_FULL_RULES
+    return [(src.format(**v), dst.format(**v)) for src, dst, name in table for v in ranges[name]]
+
+
+def _t2i_original_names(names: dict[str, str], file: Path) -> dict[str, str]:
+    converted, unmatched = apply_rules(names, t2i_diffusers_rules(names))
+    if unmatched:
+        raise KeyError(f"{file}: {len(unmatched)} keys have no place in diffusers' T2I-Adapter layout, e.g. "
+                       f"{sorted(unmatched)[:10]}; the file mixes layouts")
+    return converted
+
+
+def _t2i_config(shapes: Mapping[str, torch.Tensor], raw: Mapping[str, Any], file: Path) -> AdapterConfig:
+    """Architecture from TencentARC-named shapes; config.json (diffusers) names the kind where it exists."""
+    if km.T2I_LIGHT_MARKER in shapes:
+        levels = _count(shapes, km.T2I_LIGHT_LEVEL_KEY)
+        cin = shapes["body.0.in_conv.weight"].shape[1]
+        return AdapterConfig(AdapterKind.LIGHT, in_channels=cin // 64, num_res_blocks=_count(shapes, km.T2I_LIGHT_RES_KEY),
+                             channels=tuple(shapes[f"body.{i}.out_conv.weight"].shape[0] for i in range(levels)))
+    if "conv_in.weight" not in shapes:
+        raise KeyError(f"{file}: a full T2I-Adapter needs conv_in.weight; the file is incomplete")
+    cin = shapes["conv_in.weight"].shape[1]
+    kind = AdapterKind(raw["adapter_type"]) if raw.get("adapter_type") else (
+        AdapterKind.FULL_XL if cin in km.T2I_XL_CONV_IN_WIDTHS else AdapterKind.FULL)
+    per = int(raw.get("num_res_blocks") or km.T2I_FULL_RES_BLOCKS)
+    blocks = _count(shapes, km.T2I_FULL_BLOCK_KEY)
+    if blocks == 0 or blocks % per:
+        raise ValueError(f"{file}: {blocks} adapter blocks do not split into levels of {per}; give the adapter's "
+                         "config.json beside it (num_res_blocks)")
+    unshuffle = 16 if kind is AdapterKind.FULL_XL else 8
+    return AdapterConfig(kind, in_channels=cin // unshuffle ** 2, num_res_blocks=per,
+                         channels=tuple(shapes[f"body.{i * per}.block1.weight"].shape[0] for i in range(blocks // per)),
+                         kernel_size=shapes["body.0.block2.weight"].shape[2],
+                         conv_downsample=any(k.endswith(km.T2I_DOWN_CONV_SUFFIX) for k in shapes))
+
+
+def load_control(path: str | Path, **kwargs: Any) -> LoadedControlNet | LoadedAdapter:
+    """A ControlNet (plain or Union) or a T2I-Adapter, whichever the file is (kwargs as load_controlnet)."""
+    weights = open_weights(path)
+    if _detect(_strip_wrappers(weights.keys()), weights.path) is CheckpointFormat.T2I_ADAPTER:
+        return load_t2i_adapter(path, dtype=kwargs.get("dtype"), device=kwargs.get("device", "cpu"))
+    return load_controlnet(path, **kwargs)

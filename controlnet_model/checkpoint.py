@@ -29,7 +29,7 @@ from torch import nn
 from . import keymaps as km
 from .atomic import atomic_save_safetensors, atomic_write_text
 from .config import FAMILY_BY_CONTEXT_DIM, ControlNetConfig
-from .diffusers_format import config_changes, diffusers_config, is_bgr, read_config_json
+from .diffusers_format import config_changes, diffusers_config, is_bgr, read_config_json, union_diffusers_config
 from .metadata import FORMAT_VERSION, PREFIX, ControlNetMetadata, content_hash, control_type_from_name
 from .network import ControlNet
 from .t2i_adapter import AdapterConfig, AdapterKind, T2IAdapter
@@ -373,6 +373,9 @@ def _union_config(config: ControlNetConfig, plan: Plan, sidecar: Sidecar) -> Con
     except KeyError as exc:
         raise KeyError(f"Union file lacks {exc}; it is incomplete: fetch it again") from None
     heads = sidecar.diffusers.get("num_trans_head", UnionConfig.heads)
+    if config.adm_in_channels is not None and "addition_time_embed_dim" not in config.extra:
+        # diffusers' Union uses one width for both sinusoids: the type one is in the tensors, the size one is not
+        config = config.replace(extra={**config.extra, "addition_time_embed_dim": type_dim})
     return UnionConfig(num_control_types=types, type_embed_dim=type_dim, heads=int(heads),
                        layers=_count(plan, "transformer_layes.{n}.ln_1.weight")).attach(config)
 
@@ -628,13 +631,19 @@ def _detached(tensor: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
 
 
 def export_diffusers(model: ControlNet, folder: str | Path, dtype: torch.dtype | None = None) -> Path:
-    """Write `config.json` + `diffusion_pytorch_model.safetensors` that diffusers' from_pretrained loads."""
+    """Write `config.json` + `diffusion_pytorch_model.safetensors` that diffusers' from_pretrained loads (a Union
+    as ControlNetUnionModel: the layout of the released files, which ComfyUI core's loader also reads)."""
     folder = Path(folder)
     state = {k: _detached(v, dtype) for k, v in model.state_dict().items()}
-    converted, unmatched = apply_rules(state, ldm_diffusers_rules(layout_of(model.config)))
+    rules = ldm_diffusers_rules(layout_of(model.config))
+    config = diffusers_config(model.config)  # raises before anything is written
+    if isinstance(model, UnionControlNet):  # ControlNetUnionModel: the Union modules keep their names
+        rules += list(km.UNION_EXTRA_RULES)
+        config = union_diffusers_config(config, model.union, model.config)
+    converted, unmatched = apply_rules(state, rules)
     if unmatched:
         raise KeyError(f"{len(unmatched)} keys have no diffusers name, e.g. {unmatched[:8]}")
-    config_text = json.dumps(diffusers_config(model.config), indent=2)  # raises before anything is written
+    config_text = json.dumps(config, indent=2)
     atomic_save_safetensors(converted, folder / "diffusion_pytorch_model.safetensors", {"format": "pt"})
     atomic_write_text(folder / km.DIFFUSERS_CONFIG_NAME, config_text)
     return folder

@@ -205,3 +205,17 @@ def test_a_unit_with_types_runs_them_in_one_forward_with_strength(promax) -> Non
 def test_types_on_a_plain_controlnet_are_refused(tiny_controlnet, tiny_inputs) -> None:
     with pytest.raises(ValueError, match="Union ControlNet only"):
         ControlUnit(tiny_controlnet, tiny_inputs["hint"], conditions=(UnionCondition(0, tiny_inputs["hint"]),))
+
+
+def test_export_diffusers_loads_in_diffusers_as_controlnet_union_model(promax, tmp_path) -> None:
+    from zeroconv.controlnet_model.checkpoint import export_diffusers
+
+    theirs, loaded = promax
+    export_diffusers(loaded.model, tmp_path / "export")
+    back = diffusers.ControlNetUnionModel.from_pretrained(tmp_path / "export").eval()
+    assert back.config.num_control_type == 8
+    x, t, context, hint, added = _inputs("sdxl", seed=3)
+    down, mid = _theirs_out(back, 8, [2], 1.0, [hint], seed=3)
+    with torch.no_grad():
+        mine = loaded.model(x, None, t, context, _sdxl_y(added), conditions=[(2, hint, 1.0)])
+    assert _rel(mine, down, mid) < TOLERANCE

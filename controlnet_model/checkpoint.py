@@ -247,12 +247,7 @@ def load_controlnet(path: str | Path, *, base_unet: nn.Module | Mapping[str, tor
         device: where the weights are placed; each tensor goes there straight from the file.
     """
     path = Path(path)
-    weights = open_weights(path)
-    names = _strip_wrappers(weights.keys())
-    fmt = _detect(names, weights.path)
-    if fmt in UNSUPPORTED:
-        kind, advice = UNSUPPORTED[fmt]
-        raise ValueError(f"{weights.path} is {kind} ({fmt.value}), which is not supported yet: {advice}")
+    weights, names, fmt = _open_detected(path)
     if fmt is CheckpointFormat.T2I_ADAPTER:
         raise ValueError(f"{weights.path} is a T2I-Adapter, not a ControlNet: load it with "
                          "t2i_adapter.load_t2i_adapter (or checkpoint.load_control, which takes either kind)")
@@ -267,6 +262,17 @@ def load_controlnet(path: str | Path, *, base_unet: nn.Module | Mapping[str, tor
         model.source = path.name
     logger.info("loaded %s (%s, %s)", path.name, fmt.value, config.family)
     return LoadedControlNet(model, config, fmt, _describe(weights, config, fmt, path), path)
+
+
+def _open_detected(path: Path) -> tuple[WeightFile, dict[str, str], CheckpointFormat]:
+    """The file opened lazily, its key names without wrapper prefixes, and its format; refused kinds raise."""
+    weights = open_weights(path)
+    names = _strip_wrappers(weights.keys())
+    fmt = _detect(names, weights.path)
+    if fmt in UNSUPPORTED:
+        kind, advice = UNSUPPORTED[fmt]
+        raise ValueError(f"{weights.path} is {kind} ({fmt.value}), which is not supported yet: {advice}")
+    return weights, names, fmt
 
 
 def _detect(names: Mapping[str, str], file: Path) -> CheckpointFormat:
@@ -682,12 +688,7 @@ def load_t2i_adapter(path: str | Path, *, dtype: torch.dtype | None = None,
     """Load a T2I-Adapter strictly: TencentARC's layout (.pth read weights-only, or .safetensors) or diffusers'
     (folder with config.json, or a lone file), full SD1.x, light (colour) and SDXL adapters."""
     path = Path(path)
-    weights = open_weights(path)
-    names = _strip_wrappers(weights.keys())
-    fmt = _detect(names, weights.path)
-    if fmt in UNSUPPORTED:
-        kind, advice = UNSUPPORTED[fmt]
-        raise ValueError(f"{weights.path} is {kind} ({fmt.value}), which is not supported: {advice}")
+    weights, names, fmt = _open_detected(path)
     if fmt is not CheckpointFormat.T2I_ADAPTER:
         raise ValueError(f"{weights.path} is a ControlNet ({fmt.value}), not a T2I-Adapter: load it with "
                          "load_controlnet (or load_control, which takes either kind)")
@@ -764,7 +765,6 @@ def _t2i_config(shapes: Mapping[str, torch.Tensor], raw: Mapping[str, Any], file
 
 def load_control(path: str | Path, **kwargs: Any) -> LoadedControlNet | LoadedAdapter:
     """A ControlNet (plain or Union) or a T2I-Adapter, whichever the file is (kwargs as load_controlnet)."""
-    weights = open_weights(path)
-    if _detect(_strip_wrappers(weights.keys()), weights.path) is CheckpointFormat.T2I_ADAPTER:
+    if _open_detected(Path(path))[2] is CheckpointFormat.T2I_ADAPTER:
         return load_t2i_adapter(path, dtype=kwargs.get("dtype"), device=kwargs.get("device", "cpu"))
     return load_controlnet(path, **kwargs)

@@ -277,6 +277,23 @@ def scale_output(out: ControlNetOutput | AdapterOutput, mode: ControlMode, stren
     return out.map(scale)
 
 
+def _active(settings: ControlSettings, x: torch.Tensor, percent: float, cond_rows: torch.Tensor | None,
+            cond_side_only: bool = False) -> tuple[float, torch.Tensor | None] | None:
+    """(strength, rows to run or None for all) at this step, or None when the control has no effect."""
+    strength = settings.strength_at(percent)
+    if strength == 0.0:
+        return None
+    if settings.mask is not None and settings.mask.shape[0] not in (1, x.shape[0]):
+        raise ValueError(f"the mask has a batch of {settings.mask.shape[0]} but the latent batch is {x.shape[0]}; "
+                         "give one mask or one per latent")
+    rows = cond_rows if (MODE_RULES[settings.mode].cond_only or cond_side_only) else None
+    if rows is not None and rows.all():
+        rows = None
+    if rows is not None and not rows.any():
+        return None
+    return strength, rows
+
+
 def run_control(unit: ControlUnit, x: torch.Tensor, timesteps: torch.Tensor, context: torch.Tensor,
                 y: torch.Tensor | None, percent: float, cond_rows: torch.Tensor | None = None) -> ControlNetOutput | None:
     """Residuals of one ControlNet at one step, or None when it has no effect (its forward is skipped).
@@ -284,17 +301,10 @@ def run_control(unit: ControlUnit, x: torch.Tensor, timesteps: torch.Tensor, con
     cond_rows: (B,) bool, True for the conditional rows of a CFG batch; None means every row is conditional.
     """
     settings, cfg = unit.settings, unit.controlnet.config
-    strength = settings.strength_at(percent)
-    if strength == 0.0:
+    active = _active(settings, x, percent, cond_rows, cfg.global_average_pooling)
+    if active is None:
         return None
-    if settings.mask is not None and settings.mask.shape[0] not in (1, x.shape[0]):
-        raise ValueError(f"the mask has a batch of {settings.mask.shape[0]} but the latent batch is {x.shape[0]}; "
-                         "give one mask or one per latent")
-    rows = cond_rows if (MODE_RULES[settings.mode].cond_only or cfg.global_average_pooling) else None
-    if rows is not None and rows.all():
-        rows = None
-    if rows is not None and not rows.any():
-        return None
+    strength, rows = active
     if unit.conditions:
         conditions = [replace(c, hint=_rows(c.hint, rows), encoded=_rows(c.encoded, rows)) for c in unit.conditions]
         out = unit.controlnet(_rows(x, rows), None, _rows(timesteps, rows), _rows(context, rows), _rows(y, rows),
@@ -395,17 +405,10 @@ def run_adapter(unit: AdapterUnit, x: torch.Tensor, percent: float,
                 cond_rows: torch.Tensor | None = None) -> AdapterOutput | None:
     """The adapter's features at one step, scaled as run_control scales residuals, or None when without effect."""
     settings = unit.settings
-    strength = settings.strength_at(percent)
-    if strength == 0.0:
+    active = _active(settings, x, percent, cond_rows)
+    if active is None:
         return None
-    if settings.mask is not None and settings.mask.shape[0] not in (1, x.shape[0]):
-        raise ValueError(f"the mask has a batch of {settings.mask.shape[0]} but the latent batch is {x.shape[0]}; "
-                         "give one mask or one per latent")
-    rows = cond_rows if MODE_RULES[settings.mode].cond_only else None
-    if rows is not None and rows.all():
-        rows = None
-    if rows is not None and not rows.any():
-        return None
+    strength, rows = active
     out = scale_output(adapter_features(unit, tuple(x.shape[-2:]), x.dtype, x.device), settings.mode, strength,
                        settings.mask)
     if rows is None:

@@ -121,7 +121,8 @@ ConditionLike = UnionCondition | tuple[Any, ...]
 
 
 def as_condition(item: ConditionLike) -> UnionCondition:
-    """A UnionCondition, or a (type, hint_or_encoded, scale) tuple; a tensor with model_channels... is by size."""
+    """A UnionCondition, or a (type, hint, scale) tuple whose hint is the image or its encode_hint() (told apart
+    by size in the forward: the image is 8x the latent)."""
     if isinstance(item, UnionCondition):
         return item
     if not isinstance(item, tuple) or len(item) not in (2, 3):
@@ -246,8 +247,8 @@ class UnionControlNet(ControlNet):
                 raise ValueError(f"encoded hint is {tuple(cond.encoded.shape[-2:])}, latent is {tuple(x.shape[-2:])}")
             return cond.encoded.to(self.dtype)
         if cond.hint is None:
-            raise ValueError(f"Union condition {type_name(cond.control_type or 0) if cond.control_type is not None else AUTO} "
-                             "has neither a hint image nor its encode_hint()")
+            name = AUTO if cond.control_type is None else type_name(cond.control_type)
+            raise ValueError(f"Union condition {name} has neither a hint image nor its encode_hint()")
         if cond.hint.shape[-2:] == x.shape[-2:] and cond.hint.shape[1] == self.config.model_channels:
             return cond.hint.to(self.dtype)  # an encoded hint given in the hint slot
         if cond.hint.shape[-2:] != (x.shape[-2] * 8, x.shape[-1] * 8):

@@ -13,6 +13,7 @@ from safetensors.torch import load_file
 from zeroconv.controlnet_model import ControlNet, ControlSettings, ControlUnit, run_control
 from zeroconv.controlnet_model.checkpoint import (CheckpointFormat, load_control, load_controlnet, read_metadata,
                                                   save_controlnet)
+from zeroconv.controlnet_model.safetensors_io import open_weights
 from zeroconv.controlnet_model.union import (UNION_TYPES, UnionCondition, UnionControlNet, union_type_index)
 
 from .conftest import randomize
@@ -178,7 +179,7 @@ def test_native_save_keeps_a_union_and_reloads(promax, tmp_path) -> None:
     path = save_controlnet(loaded.model, tmp_path / "union_native.safetensors")
     assert load_file(path).keys() == loaded.model.state_dict().keys()
     stored = read_metadata(path)
-    assert "union" in stored.config
+    assert "union" in stored.config and open_weights(path).metadata["zeroconv_network"] == "union"
     back = load_controlnet(path)
     assert isinstance(back.model, UnionControlNet) and back.model.num_control_types == 8
     for (k, a), b in zip(back.model.state_dict().items(), loaded.model.state_dict().values()):

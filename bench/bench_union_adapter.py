@@ -89,14 +89,16 @@ def measure(preset_name: str, latent: int, reps: int, device: torch.device,
         }
         for fn in variants.values():  # warm-up: allocator, kernels, the adapter cache
             fn()
+        print("warm-up done", file=sys.stderr, flush=True)
         times: dict[str, list[float]] = {name: [] for name in variants}
-        for _ in range(reps):
+        for rep in range(reps):
             for name, fn in variants.items():
                 sync()
                 start = time.perf_counter()
                 fn()
                 sync()
                 times[name].append(time.perf_counter() - start)
+            print(f"repetition {rep + 1}/{reps} done", file=sys.stderr, flush=True)
     assert unit.cache.runs == 1, "the adapter ran more than once for one latent size"
     return times
 

@@ -3,8 +3,10 @@
 Read: original v1.0 files (`control_model.` prefix, with or without the whole SD model, Lightning nesting),
 pruned community files, v1.1 bare LDM files (with an optional `.yaml` beside), diffusers folders and single
 files, diff ControlNets and Control-LoRA (relative to a base U-Net), shuffle-type models, and our native files.
-Flux and SD3/SD3.5 ControlNets are detected here and loaded by dit_checkpoint.py. Other kinds (Union, T2I-Adapter,
-LLLite, XS, ...) are recognised and refused with a clear error.
+xinsir's Union / ControlNet++ files (diffusers-keyed, folder or lone file) load into union.UnionControlNet;
+T2I-Adapters are read by t2i_adapter.load_t2i_adapter (load_control takes either kind). Flux and SD3/SD3.5
+ControlNets are detected here and loaded by dit_checkpoint.py. Other kinds (LLLite, XS, ...) are recognised and
+refused with a clear error.
 
 How a load runs: open the file lazily (safetensors_io), detect the format from marker keys (keymaps.FORMAT_MARKERS),
 rename keys to the LDM layout with one generic `apply_rules`, decide the architecture (native metadata, else the
@@ -28,9 +30,11 @@ from torch import nn
 from . import keymaps as km
 from .atomic import atomic_save_safetensors, atomic_write_text
 from .config import FAMILY_BY_CONTEXT_DIM, ControlNetConfig
-from .diffusers_format import config_changes, diffusers_config, is_bgr, read_config_json
+from .diffusers_format import config_changes, diffusers_config, is_bgr, read_config_json, union_diffusers_config
 from .metadata import FORMAT_VERSION, PREFIX, ControlNetMetadata, content_hash, control_type_from_name
 from .network import ControlNet
+from .t2i_adapter import AdapterConfig, AdapterKind, T2IAdapter
+from .union import UnionConfig, UnionControlNet, is_union_config
 from .safetensors_io import WeightFile, constant, open_weights, read_state_dict
 
 if TYPE_CHECKING:
@@ -43,7 +47,7 @@ Rules = Sequence[tuple[str, str]]
 
 
 class CheckpointFormat(str, Enum):
-    """Checkpoint layouts (controlnet-formats.md §2.1); the first five load, the rest are recognised only."""
+    """Checkpoint layouts; DIFF / CONTROL_LORA need the base U-Net, UNSUPPORTED ones are recognised only."""
 
     LDM_FULL = "ldm_full"  # A: v1.0 file with the whole SD model inside (`control_model.` + `model.diffusion_model.`)
     LDM_PREFIXED = "ldm_prefixed"  # B: pruned v1.0 file, `control_model.` keys only
@@ -54,6 +58,8 @@ class CheckpointFormat(str, Enum):
     UNION = "union"
     CONTROLNET_XS = "controlnet_xs"
     T2I_ADAPTER = "t2i_adapter"
+    T2I_STYLE = "t2i_style"
+    STABLE_CASCADE = "stable_cascade"
     LLLITE = "lllite"
     FLUX_XLABS = "flux_xlabs"  # transformer ControlNets: loaded by dit_checkpoint.py
     FLUX_MISTOLINE = "flux_mistoline"
@@ -68,12 +74,14 @@ class CheckpointFormat(str, Enum):
 NEEDS_BASE = frozenset({CheckpointFormat.DIFF, CheckpointFormat.CONTROL_LORA})
 # What each recognised-but-refused kind is, and what to do instead.
 UNSUPPORTED: dict[CheckpointFormat, tuple[str, str]] = {
-    CheckpointFormat.UNION: ("a Union / ControlNet++ (xinsir) model, one network for several control types",
-                             "load it with ComfyUI's core ControlNet loader and SetUnionControlNetType"),
     CheckpointFormat.CONTROLNET_XS: ("a ControlNet-XS model (control and base exchange features both ways)",
                                      "use diffusers' ControlNetXSAdapter"),
-    CheckpointFormat.T2I_ADAPTER: ("a T2I-Adapter, not a ControlNet",
-                                   "load it with ComfyUI's core ControlNet loader, which reads T2I-Adapters"),
+    CheckpointFormat.T2I_STYLE: ("a T2I style adapter, which turns a CLIP-vision image embedding into extra "
+                                 "prompt tokens rather than steering the U-Net's features",
+                                 "use ComfyUI's core StyleModelLoader and Apply Style Model nodes"),
+    CheckpointFormat.STABLE_CASCADE: ("a Stable Cascade ControlNet, made for Stable Cascade's stage C, not an SD "
+                                      "U-Net", "load it with ComfyUI's core ControlNet loader and a Stable Cascade "
+                                      "model"),
     CheckpointFormat.LLLITE: ("a ControlNet-LLLite (kohya) model", "use a ControlNet-LLLite node pack"),
     CheckpointFormat.DIT: ("a ControlNet for a transformer (DiT) model such as Hunyuan-DiT",
                            "load it with ComfyUI's core ControlNet loader"),
@@ -260,16 +268,14 @@ def load_controlnet(path: str | Path, *, base_unet: nn.Module | Mapping[str, tor
         device: where the weights are placed; each tensor goes there straight from the file.
     """
     path = Path(path)
-    weights = open_weights(path)
-    names = _strip_wrappers(weights.keys())
-    fmt = _detect(names, weights.path)
+    weights, names, fmt = _open_detected(path)
     if fmt in TRANSFORMER_FORMATS:
         from .dit_checkpoint import load_dit_controlnet  # it builds on this module
 
         return load_dit_controlnet(path, dtype=dtype, device=device)
-    if fmt in UNSUPPORTED:
-        kind, advice = UNSUPPORTED[fmt]
-        raise ValueError(f"{weights.path} is {kind} ({fmt.value}), which is not supported yet: {advice}")
+    if fmt is CheckpointFormat.T2I_ADAPTER:
+        raise ValueError(f"{weights.path} is a T2I-Adapter, not a ControlNet: load it with "
+                         "t2i_adapter.load_t2i_adapter (or checkpoint.load_control, which takes either kind)")
     base = _base_weights(base_unet, fmt, weights.path)
     sidecar = _sidecar(fmt, weights.path)
     plan = _plan(fmt, weights, names, base, sidecar)
@@ -277,8 +283,21 @@ def load_controlnet(path: str | Path, *, base_unet: nn.Module | Mapping[str, tor
     if base is not None:
         plan = _fill_from_base(plan, config, base)
     model = _build(config, plan, weights.path, dtype or _file_dtype(weights), torch.device(device))
+    if isinstance(model, UnionControlNet):
+        model.source = path.name
     logger.info("loaded %s (%s, %s)", path.name, fmt.value, config.family)
     return LoadedControlNet(model, config, fmt, _describe(weights, config, fmt, path), path)
+
+
+def _open_detected(path: Path) -> tuple[WeightFile, dict[str, str], CheckpointFormat]:
+    """The file opened lazily, its key names without wrapper prefixes, and its format; refused kinds raise."""
+    weights = open_weights(path)
+    names = _strip_wrappers(weights.keys())
+    fmt = _detect(names, weights.path)
+    if fmt in UNSUPPORTED:
+        kind, advice = UNSUPPORTED[fmt]
+        raise ValueError(f"{weights.path} is {kind} ({fmt.value}), which is not supported yet: {advice}")
+    return weights, names, fmt
 
 
 def _detect(names: Mapping[str, str], file: Path) -> CheckpointFormat:
@@ -330,7 +349,7 @@ class Sidecar(NamedTuple):
 
 def _sidecar(fmt: CheckpointFormat, file: Path) -> Sidecar:
     """diffusers config.json beside `diffusion_pytorch_model*`, or the cldm .yaml beside an LDM file."""
-    if fmt is CheckpointFormat.DIFFUSERS:
+    if fmt is CheckpointFormat.DIFFUSERS or fmt is CheckpointFormat.UNION:
         named = file.name.startswith("diffusion_pytorch_model")
         return Sidecar(read_config_json(file.parent / km.DIFFUSERS_CONFIG_NAME) if named else {}, {})
     yaml_path = file.with_suffix(".yaml")
@@ -353,6 +372,8 @@ def _sidecar(fmt: CheckpointFormat, file: Path) -> Sidecar:
 # ---- plans: which tensor each ControlNet key gets, before anything is read ---------------------------------
 def _plan(fmt: CheckpointFormat, weights: WeightFile, names: dict[str, str], base: dict[str, torch.Tensor] | None,
           sidecar: Sidecar) -> Plan:
+    if fmt is CheckpointFormat.UNION:
+        return _plan_union(weights, names)
     if fmt is CheckpointFormat.DIFFUSERS:
         plan = _renamed(weights, names, invert(ldm_diffusers_rules(diffusers_layout(names))))
         return _apply_fixes(plan, km.BGR_HINT_FIXES) if is_bgr(sidecar.diffusers) else plan
@@ -362,6 +383,32 @@ def _plan(fmt: CheckpointFormat, weights: WeightFile, names: dict[str, str], bas
     if fmt is CheckpointFormat.CONTROL_LORA:
         return _plan_control_lora(plan, base or {}, weights.path)
     return plan
+
+
+def _plan_union(weights: WeightFile, names: dict[str, str]) -> Plan:
+    """Union: the ControlNet part diffusers-keyed (as released) or bare LDM (our native save); the Union modules
+    keep their names (keymaps.UNION_EXTRA_RULES)."""
+    body: Rules = (invert(ldm_diffusers_rules(diffusers_layout(names))) if km.DIFFUSERS_MARKER in names
+                   else list(km.LDM_BARE_RULES))
+    extras = set(apply_rules(names, km.UNION_EXTRA_RULES)[0])
+    plan = _renamed(weights, {k: v for k, v in names.items() if k not in extras}, body)
+    plan.update(_renamed(weights, {k: v for k, v in names.items() if k in extras}, km.UNION_EXTRA_RULES))
+    return plan
+
+
+def _union_config(config: ControlNetConfig, plan: Plan, sidecar: Sidecar) -> ControlNetConfig:
+    """The Union modules' sizes from the tensors (task_embedding rows = types); heads from config.json or 8."""
+    try:
+        types = plan["task_embedding"].meta.shape[0]
+        type_dim = plan["control_add_embedding.linear_1.weight"].meta.shape[1] // types
+    except KeyError as exc:
+        raise KeyError(f"Union file lacks {exc}; it is incomplete: fetch it again") from None
+    heads = sidecar.diffusers.get("num_trans_head", UnionConfig.heads)
+    if config.adm_in_channels is not None and "addition_time_embed_dim" not in config.extra:
+        # diffusers' Union uses one width for both sinusoids: the type one is in the tensors, the size one is not
+        config = config.replace(extra={**config.extra, "addition_time_embed_dim": type_dim})
+    return UnionConfig(num_control_types=types, type_embed_dim=type_dim, heads=int(heads),
+                       layers=_count(plan, "transformer_layes.{n}.ln_1.weight")).attach(config)
 
 
 def _renamed(weights: WeightFile, names: dict[str, str], rules: Rules, other_prefixes: tuple[str, ...] = (),
@@ -488,6 +535,8 @@ def _resolve_config(weights: WeightFile, plan: Plan, base: dict[str, torch.Tenso
         config = infer_config(shapes)
     except (KeyError, IndexError) as exc:
         raise KeyError(f"{weights.path}: {exc}; the file lacks part of a ControlNet") from None
+    if "task_embedding" in plan:
+        config = _union_config(config, plan, sidecar)
     config = config.replace(**config_changes(sidecar.diffusers, config, weights.path))
     config = config.replace(**_heads_from(sidecar.cldm or (_base_heads(base_unet) if base is not None else {})))
     if km.YAML_POOLING_FIELD in sidecar.cldm:
@@ -524,11 +573,22 @@ def _file_dtype(weights: WeightFile) -> torch.dtype:
     return counts.most_common(1)[0][0] if counts else torch.float32
 
 
-@functools.lru_cache(maxsize=16)
+def network_class(config: ControlNetConfig) -> type[ControlNet]:
+    """UnionControlNet for a config carrying a Union description, else the plain ControlNet."""
+    return UnionControlNet if is_union_config(config) else ControlNet
+
+
 def expected_state(config: ControlNetConfig) -> dict[str, torch.Tensor]:
     """The state dict a ControlNet of this config has, on the meta device (names, shapes, dtypes only)."""
+    union = config.extra.get("union") if is_union_config(config) else None
+    return _expected_state(config, None if union is None else tuple(sorted(union.items())))
+
+
+@functools.lru_cache(maxsize=16)
+def _expected_state(config: ControlNetConfig, union: tuple | None) -> dict[str, torch.Tensor]:
+    # `union` is in the key because ControlNetConfig's hash and == leave `extra` out
     with torch.device("meta"):
-        return dict(ControlNet(config).state_dict())
+        return dict(network_class(config)(config).state_dict())
 
 
 def check_fits(shapes: Mapping[str, torch.Tensor], config: ControlNetConfig, what: str) -> dict[str, torch.Tensor]:
@@ -557,7 +617,7 @@ def _build(config: ControlNetConfig, plan: Plan, file: Path, dtype: torch.dtype,
     expected = check_fits({k: s.meta for k, s in plan.items()}, config, str(file))
     tensors = {key: plan[key].load().to(device=device, dtype=dtype) for key in expected}  # one at a time
     with torch.device("meta"):
-        model = ControlNet(config)
+        model = network_class(config)(config)
     model.load_state_dict(tensors, strict=True, assign=True)
     return model.eval()
 
@@ -589,6 +649,8 @@ def save_controlnet(model_or_state: ControlNet | Mapping[str, torch.Tensor], pat
                         global_average_pooling=config.global_average_pooling, saved_as=path.name,
                         provenance=meta.provenance or "zeroconv save_controlnet")
     strings = {**meta.to_strings(), "format": "pt", PREFIX + "format": "ldm", PREFIX + "format_version": FORMAT_VERSION}
+    if is_union_config(config):
+        strings[PREFIX + "network"] = "union"  # bare LDM keys + the Union modules under their own names
     return atomic_save_safetensors(state, path, strings)
 
 
@@ -606,13 +668,19 @@ def _detached(tensor: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
 
 
 def export_diffusers(model: ControlNet, folder: str | Path, dtype: torch.dtype | None = None) -> Path:
-    """Write `config.json` + `diffusion_pytorch_model.safetensors` that diffusers' from_pretrained loads."""
+    """Write `config.json` + `diffusion_pytorch_model.safetensors` that diffusers' from_pretrained loads (a Union
+    as ControlNetUnionModel: the layout of the released files, which ComfyUI core's loader also reads)."""
     folder = Path(folder)
     state = {k: _detached(v, dtype) for k, v in model.state_dict().items()}
-    converted, unmatched = apply_rules(state, ldm_diffusers_rules(layout_of(model.config)))
+    rules = ldm_diffusers_rules(layout_of(model.config))
+    config = diffusers_config(model.config)  # raises before anything is written
+    if isinstance(model, UnionControlNet):  # ControlNetUnionModel: the Union modules keep their names
+        rules += list(km.UNION_EXTRA_RULES)
+        config = union_diffusers_config(config, model.union, model.config)
+    converted, unmatched = apply_rules(state, rules)
     if unmatched:
         raise KeyError(f"{len(unmatched)} keys have no diffusers name, e.g. {unmatched[:8]}")
-    config_text = json.dumps(diffusers_config(model.config), indent=2)  # raises before anything is written
+    config_text = json.dumps(config, indent=2)
     atomic_save_safetensors(converted, folder / "diffusion_pytorch_model.safetensors", {"format": "pt"})
     atomic_write_text(folder / km.DIFFUSERS_CONFIG_NAME, config_text)
     return folder
@@ -632,3 +700,102 @@ def load_controlnet_cached(path: str | Path, dtype: torch.dtype | None = None) -
     """load_controlnet, reused while the file is unchanged (same path, mtime and size)."""
     stat = Path(path).stat()
     return _cached(str(Path(path).resolve()), stat.st_mtime, stat.st_size, dtype)
+
+
+# ---- T2I-Adapters -----------------------------------------------------------------------------------------
+@dataclass
+class LoadedAdapter:
+    """A loaded T2I-Adapter with what is known about it."""
+
+    model: T2IAdapter
+    config: AdapterConfig
+    format: CheckpointFormat
+    layout: str  # "original" (TencentARC) or "diffusers"
+    path: Path
+
+
+def load_t2i_adapter(path: str | Path, *, dtype: torch.dtype | None = None,
+                     device: str | torch.device = "cpu") -> LoadedAdapter:
+    """Load a T2I-Adapter strictly: TencentARC's layout (.pth read weights-only, or .safetensors) or diffusers'
+    (folder with config.json, or a lone file), full SD1.x, light (colour) and SDXL adapters."""
+    path = Path(path)
+    weights, names, fmt = _open_detected(path)
+    if fmt is not CheckpointFormat.T2I_ADAPTER:
+        raise ValueError(f"{weights.path} is a ControlNet ({fmt.value}), not a T2I-Adapter: load it with "
+                         "load_controlnet (or load_control, which takes either kind)")
+    diffusers = any(k.startswith(km.T2I_DIFFUSERS_PREFIX) for k in names)
+    raw = read_config_json(weights.path.parent / km.DIFFUSERS_CONFIG_NAME) if (
+        diffusers and weights.path.name.startswith("diffusion_pytorch_model")) else {}
+    renamed = _t2i_original_names(names, weights.path) if diffusers else names
+    plan = _renamed(weights, renamed, km.T2I_ORIGINAL_RULES)
+    config = _t2i_config({k: s.meta for k, s in plan.items()}, raw, weights.path)
+    with torch.device("meta"):
+        expected = dict(T2IAdapter(config).state_dict())
+    what = f"{weights.path} (read as a {config.kind.value} T2I-Adapter)"
+    unexpected, missing = sorted(set(plan) - set(expected)), sorted(set(expected) - set(plan))
+    if unexpected or missing:
+        raise KeyError(f"{what}: {len(unexpected)} unexpected keys {unexpected[:10]}, {len(missing)} missing keys "
+                       f"{missing[:10]}; it is incomplete or another kind of adapter")
+    wrong = [f"{k} {tuple(plan[k].meta.shape)} != {tuple(t.shape)}" for k, t in expected.items()
+             if plan[k].meta.shape != t.shape]
+    if wrong:
+        raise ValueError(f"{what}: {len(wrong)} tensors have the wrong shape, e.g. {wrong[:5]}")
+    target_dtype = dtype or _file_dtype(weights)
+    tensors = {k: plan[k].load().to(device=device, dtype=target_dtype) for k in expected}
+    with torch.device("meta"):
+        model = T2IAdapter(config)
+    model.load_state_dict(tensors, strict=True, assign=True)
+    logger.info("loaded %s (T2I-Adapter %s)", path.name, config.kind.value)
+    return LoadedAdapter(model.eval(), config, fmt, "diffusers" if diffusers else "original", path)
+
+
+def t2i_diffusers_rules(names: Iterable[str]) -> list[tuple[str, str]]:
+    """keymaps.T2I_DIFFUSERS_*_RULES expanded over the levels and blocks a diffusers-named adapter has."""
+    present = set(names)
+    light = "adapter." + km.T2I_LIGHT_MARKER in present
+    levels, per = _count(present, km.T2I_DIFFUSERS_LEVEL_KEY), _count(present, km.T2I_DIFFUSERS_RES_KEY)
+    ranges: dict[str, list[dict[str, int]]] = {
+        "": [{}], "levels": [{"i": i, "n": i * per} for i in range(levels)],
+        "blocks": [{"i": i, "j": j, "n": i * per + j} for i in range(levels) for j in range(per)],
+    }
+    table = km.T2I_DIFFUSERS_LIGHT_RULES if light else km.T2I_DIFFUSERS_FULL_RULES
+    return [(src.format(**v), dst.format(**v)) for src, dst, name in table for v in ranges[name]]
+
+
+def _t2i_original_names(names: dict[str, str], file: Path) -> dict[str, str]:
+    converted, unmatched = apply_rules(names, t2i_diffusers_rules(names))
+    if unmatched:
+        raise KeyError(f"{file}: {len(unmatched)} keys have no place in diffusers' T2I-Adapter layout, e.g. "
+                       f"{sorted(unmatched)[:10]}; the file mixes layouts")
+    return converted
+
+
+def _t2i_config(shapes: Mapping[str, torch.Tensor], raw: Mapping[str, Any], file: Path) -> AdapterConfig:
+    """Architecture from TencentARC-named shapes; config.json (diffusers) names the kind where it exists."""
+    if km.T2I_LIGHT_MARKER in shapes:
+        levels = _count(shapes, km.T2I_LIGHT_LEVEL_KEY)
+        cin = shapes["body.0.in_conv.weight"].shape[1]
+        return AdapterConfig(AdapterKind.LIGHT, in_channels=cin // 64, num_res_blocks=_count(shapes, km.T2I_LIGHT_RES_KEY),
+                             channels=tuple(shapes[f"body.{i}.out_conv.weight"].shape[0] for i in range(levels)))
+    if "conv_in.weight" not in shapes:
+        raise KeyError(f"{file}: a full T2I-Adapter needs conv_in.weight; the file is incomplete")
+    cin = shapes["conv_in.weight"].shape[1]
+    kind = AdapterKind(raw["adapter_type"]) if raw.get("adapter_type") else (
+        AdapterKind.FULL_XL if cin in km.T2I_XL_CONV_IN_WIDTHS else AdapterKind.FULL)
+    per = int(raw.get("num_res_blocks") or km.T2I_FULL_RES_BLOCKS)
+    blocks = _count(shapes, km.T2I_FULL_BLOCK_KEY)
+    if blocks == 0 or blocks % per:
+        raise ValueError(f"{file}: {blocks} adapter blocks do not split into levels of {per}; give the adapter's "
+                         "config.json beside it (num_res_blocks)")
+    unshuffle = 16 if kind is AdapterKind.FULL_XL else 8
+    return AdapterConfig(kind, in_channels=cin // unshuffle ** 2, num_res_blocks=per,
+                         channels=tuple(shapes[f"body.{i * per}.block1.weight"].shape[0] for i in range(blocks // per)),
+                         kernel_size=shapes["body.0.block2.weight"].shape[2],
+                         conv_downsample=any(k.endswith(km.T2I_DOWN_CONV_SUFFIX) for k in shapes))
+
+
+def load_control(path: str | Path, **kwargs: Any) -> LoadedControlNet | LoadedAdapter:
+    """A ControlNet (plain or Union) or a T2I-Adapter, whichever the file is (kwargs as load_controlnet)."""
+    if _open_detected(Path(path))[2] is CheckpointFormat.T2I_ADAPTER:
+        return load_t2i_adapter(path, dtype=kwargs.get("dtype"), device=kwargs.get("device", "cpu"))
+    return load_controlnet(path, **kwargs)

@@ -103,3 +103,17 @@ def _layers_per_block(cfg: ControlNetConfig) -> list[int]:
     elif layers[-1] != middle:
         raise ValueError(f"diffusers cannot express last-level depth {layers[-1]} with middle depth {middle}")
     return layers
+
+
+def union_diffusers_config(base: dict[str, Any], union: Any, cfg: ControlNetConfig) -> dict[str, Any]:
+    """config.json of diffusers' ControlNetUnionModel: `base` (diffusers_config) plus the Union fields.
+
+    diffusers sizes the control type sinusoid by addition_time_embed_dim, the same field as SDXL's size/crop
+    sinusoid (models/controlnets/controlnet_union.py), so the two must agree (256 in the released files).
+    """
+    if base.get("addition_time_embed_dim", union.type_embed_dim) != union.type_embed_dim:
+        raise ValueError(f"diffusers' ControlNetUnionModel uses one width for the size/crop and control type "
+                         f"sinusoids, but this Union has {base['addition_time_embed_dim']} and {union.type_embed_dim}")
+    return {**base, "_class_name": "ControlNetUnionModel", "num_control_type": union.num_control_types,
+            "num_trans_channel": cfg.model_channels, "num_trans_head": union.heads, "num_trans_layer": union.layers,
+            "num_proj_channel": cfg.model_channels, "addition_time_embed_dim": union.type_embed_dim}

@@ -38,6 +38,9 @@ FORMAT_MARKERS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("t2i_adapter", ("adapter.body.0.resnets.0.block1.weight",)),
     ("t2i_adapter", ("body.0.in_conv.weight",)),
     ("t2i_adapter", ("conv_in.weight", "body.0.block1.weight")),
+    ("t2i_style", ("style_embedding", "proj")),
+    ("stable_cascade", ("backbone.0.0.weight",)),
+    ("stable_cascade", ("backbone.10.blocks.0.weight",)),
     ("lllite", ("lllite_unet_input_blocks_4_1_transformer_blocks_0_attn1_to_q.down.0.weight",)),
     ("lllite", ("lllite_unet_input_blocks_4_1_transformer_blocks_0_attn1_to_q.conditioning1.0.weight",)),
     # transformer ControlNets, in the order of ComfyUI comfy/controlnet.py load_controlnet_state_dict
@@ -52,6 +55,16 @@ FORMAT_MARKERS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("ip_adapter", ("ip_adapter.1.to_k_ip.weight",)),
     ("sd_model", ("model.diffusion_model.out.2.weight",)),
 )
+
+# Union (xinsir ControlNet++): its own modules keep their file names in every layout (diffusers-keyed release,
+# our native save); the ControlNet part follows LDM_DIFFUSERS_RULES or the bare LDM layout (DIFFUSERS_MARKER).
+UNION_EXTRA_RULES: tuple[tuple[str, str], ...] = (
+    ("task_embedding", "task_embedding"),
+    ("transformer_layes.", "transformer_layes."),
+    ("spatial_ch_projs.", "spatial_ch_projs."),
+    ("control_add_embedding.", "control_add_embedding."),
+)
+DIFFUSERS_MARKER = "controlnet_cond_embedding.conv_in.weight"
 
 # Wrapper prefixes added by torch.compile and DataParallel; stripped when every key has one.
 WRAPPER_PREFIXES: tuple[str, ...] = ("_orig_mod.", "module.")
@@ -224,3 +237,29 @@ DIT_NATIVE_RULES: dict[str, tuple[tuple[str, str], ...]] = {
     "flux_xlabs": (("", ""),),
     "flux_mistoline": (("single_controlnet_blocks.", "controlnet_single_blocks."), ("", "")),
 }
+# ---- T2I-Adapters (t2i_adapter.py; ComfyUI load_t2i_adapter, diffusers models/adapter.py) ----------------
+# Our module names are TencentARC's originals; these rules map each other layout onto them, as (source pattern,
+# target pattern, index set). Index sets: "" as written, "levels" {i, n = i*R}, "blocks" {i, j, n = i*R + j},
+# with R the residual blocks per level, all counted from the file (T2I_*_KEY templates).
+T2I_DIFFUSERS_PREFIX = "adapter."
+T2I_DIFFUSERS_FULL_RULES: tuple[tuple[str, str, str], ...] = (
+    ("adapter.conv_in.", "conv_in.", ""),
+    ("adapter.body.{i}.in_conv.", "body.{n}.in_conv.", "levels"),
+    ("adapter.body.{i}.resnets.{j}.", "body.{n}.", "blocks"),
+)
+T2I_DIFFUSERS_LIGHT_RULES: tuple[tuple[str, str, str], ...] = (
+    ("adapter.body.{i}.in_conv.", "body.{i}.in_conv.", "levels"),
+    ("adapter.body.{i}.out_conv.", "body.{i}.out_conv.", "levels"),
+    ("adapter.body.{i}.resnets.{j}.", "body.{i}.body.{j}.", "blocks"),
+)
+T2I_ORIGINAL_RULES: tuple[tuple[str, str], ...] = (("", ""),)
+T2I_DIFFUSERS_LEVEL_KEY = "adapter.body.{n}.resnets.0.block1.weight"
+T2I_DIFFUSERS_RES_KEY = "adapter.body.0.resnets.{n}.block1.weight"
+T2I_LIGHT_MARKER = "body.0.out_conv.weight"  # after renaming; TencentARC light (colour) adapters
+T2I_LIGHT_LEVEL_KEY = "body.{n}.in_conv.weight"
+T2I_LIGHT_RES_KEY = "body.0.body.{n}.block1.weight"
+T2I_FULL_BLOCK_KEY = "body.{n}.block1.weight"
+T2I_FULL_RES_BLOCKS = 2  # residual blocks per level of full adapters when no config.json says (ComfyUI nums_rb=2)
+T2I_DOWN_CONV_SUFFIX = "down_opt.op.weight"  # full adapters downsampling by a strided conv instead of pooling
+# conv_in input widths of SDXL adapters (1 or 3 image channels x 16 x 16); others are SD1.x (x 8 x 8)
+T2I_XL_CONV_IN_WIDTHS: tuple[int, ...] = (256, 768)

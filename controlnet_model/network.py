@@ -93,11 +93,7 @@ class ControlNet(nn.Module):
                 y: torch.Tensor | None = None, guided_hint: torch.Tensor | None = None) -> ControlNetOutput:
         """x (B, C, h, w) noisy latent; hint (B, 3, 8h, 8w) in [0, 1] or its cached encode_hint(); timesteps (B,)
         0..999; context (B, T, D); y (B, adm) for SDXL-shaped models."""
-        cfg = self.config
-        if context.shape[-1] != cfg.context_dim:
-            other = FAMILY_BY_CONTEXT_DIM.get(context.shape[-1], f"a model with context width {context.shape[-1]}")
-            raise ValueError(f"this ControlNet is {describe(cfg)} but the text context comes from {other}; "
-                             f"use a ControlNet made for that model")
+        self.check_context(context)
         if guided_hint is None:
             if hint is None:
                 raise ValueError("give the hint image or its encode_hint()")
@@ -107,15 +103,26 @@ class ControlNet(nn.Module):
             guided_hint = self.encode_hint(hint)  # (B, model_channels, h, w)
         elif guided_hint.shape[-2:] != x.shape[-2:]:
             raise ValueError(f"encoded hint is {tuple(guided_hint.shape[-2:])}, latent is {tuple(x.shape[-2:])}")
-        dtype = self.dtype
-        emb = self.embed_time(timesteps, y, dtype)
-        h = x.to(dtype)
-        context = context.to(dtype)
+        emb = self.embed_time(timesteps, y, self.dtype)
+        return self.run_copy(x, guided_hint, emb, context)
+
+    def check_context(self, context: torch.Tensor) -> None:
+        cfg = self.config
+        if context.shape[-1] != cfg.context_dim:
+            other = FAMILY_BY_CONTEXT_DIM.get(context.shape[-1], f"a model with context width {context.shape[-1]}")
+            raise ValueError(f"this ControlNet is {describe(cfg)} but the text context comes from {other}; "
+                             f"use a ControlNet made for that model")
+
+    def run_copy(self, x: torch.Tensor, guided_hint: torch.Tensor, emb: torch.Tensor,
+                 context: torch.Tensor) -> ControlNetOutput:
+        """The trainable copy and its zero convs, with `guided_hint` added after conv_in."""
+        h = x.to(self.dtype)
+        context = context.to(self.dtype)
         outs = []
         for i, (block, zc) in enumerate(zip(self.input_blocks, self.zero_convs)):
             h = self._run(block, h, emb, context)
-            if i == 0:
-                h = h + guided_hint  # the condition enters after conv_in (cldm.py)
+            if i == 0:  # the condition enters after conv_in (cldm.py)
+                h = h + guided_hint
             outs.append(zc(h, emb, context))
         h = self._run(self.middle_block, h, emb, context)
         return ControlNetOutput(tuple(outs), self.middle_block_out(h, emb, context))

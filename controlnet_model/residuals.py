@@ -3,15 +3,19 @@
 This is the one module that knows it (Zhang et al. 2023, Eq. 4 and §3.4-3.5):
   * skip residual i is added to the skip tensor of input block i before the decoder concatenates it;
   * the middle residual is added to the output of the middle block;
-  * several ControlNets are composed by adding their (scaled) residuals.
+  * a T2I-Adapter's feature for input block i is added to the hidden state right after that block, so it flows
+    on through the encoder and into the skip (ComfyUI openaimodel.py: apply_control(h, control, 'input') after
+    each input block, before hs.append(h)); an SDXL adapter's last feature goes after the middle block;
+  * several ControlNets and adapters are composed by adding their (scaled) residuals.
 `ldm_unet_forward` walks an LDM-layout U-Net with that rule; `compute_residuals` runs the ControlNets and
-scales their outputs; `residuals_injected` gives a U-Net whose forward has no seam for residuals one, for the
-duration of a `with` block.
+adapters and scales their outputs; `residuals_injected` gives a U-Net whose forward has no seam for residuals
+one, for the duration of a `with` block.
 """
 from __future__ import annotations
 
 import contextlib
 import logging
+from collections import OrderedDict
 from dataclasses import dataclass, field, replace
 from enum import Enum
 from typing import Any, Callable, Iterator, Sequence
@@ -22,9 +26,39 @@ from torch import nn
 
 from .blocks import timestep_embedding
 from .config import ControlNetConfig, check_compatible
-from .hint import HintFit, fit_to_latent, hint_channels
+from .hint import HintFit, fit_hint, fit_to_latent, hint_channels
 from .network import ControlNet, ControlNetOutput
 from .schedule import StrengthSchedule
+from .t2i_adapter import AdapterOutput, T2IAdapter, adapter_hint_size, place_features
+from .union import UnionCondition, UnionControlNet
+
+
+@dataclass(frozen=True)
+class Residuals:
+    """Everything a set of controls adds to one U-Net pass: ControlNet residuals and adapter features."""
+
+    control: ControlNetOutput | None = None
+    adapter: AdapterOutput | None = None
+
+    def __add__(self, other: "Residuals") -> "Residuals":
+        def plus(a: Any, b: Any) -> Any:
+            return b if a is None else a if b is None else a + b
+        return Residuals(plus(self.control, other.control), plus(self.adapter, other.adapter))
+
+
+AnyResiduals = ControlNetOutput | AdapterOutput | Residuals
+
+
+def _split(residuals: AnyResiduals | None) -> tuple[ControlNetOutput | None, AdapterOutput | None]:
+    if residuals is None:
+        return None, None
+    if isinstance(residuals, Residuals):
+        return residuals.control, residuals.adapter
+    if isinstance(residuals, AdapterOutput):
+        return None, residuals
+    if isinstance(residuals, ControlNetOutput):
+        return residuals, None
+    raise TypeError(f"residuals must be a ControlNetOutput, AdapterOutput or Residuals, got {type(residuals).__name__}")
 
 logger = logging.getLogger(__name__)
 
@@ -44,6 +78,21 @@ def as_residuals(control: Any) -> ControlNetOutput | None:
     raise TypeError(f"control must be a ControlNetOutput or a dict of residual lists, got {type(control).__name__}")
 
 
+def from_host_dict(control: Any) -> Residuals | None:
+    """A host-style control dict with an 'input' list too (ComfyUI pops each list from its end, so the last
+    entry of 'input' belongs to input block 0); a lone 'middle' (an SDXL adapter's) goes to the adapter part."""
+    if not isinstance(control, dict) or not control.get("input"):
+        out = as_residuals(control)
+        return None if out is None else Residuals(out)
+    adapter_in = tuple(reversed(control["input"]))
+    middle = list(control.get("middle") or [])
+    if control.get("output"):
+        return Residuals(as_residuals(control), AdapterOutput(adapter_in))
+    if len(middle) > 1:
+        raise ValueError(f"control dict needs at most one 'middle' residual, got {len(middle)}")
+    return Residuals(None, AdapterOutput(adapter_in, middle[0] if middle else None))
+
+
 def _add(target: torch.Tensor, residual: torch.Tensor | None, where: str) -> torch.Tensor:
     if residual is None:
         return target
@@ -55,12 +104,17 @@ def _add(target: torch.Tensor, residual: torch.Tensor | None, where: str) -> tor
 
 
 def ldm_unet_forward(unet: nn.Module, x: torch.Tensor, timesteps: torch.Tensor, context: torch.Tensor | None,
-                     y: torch.Tensor | None = None, residuals: ControlNetOutput | None = None) -> torch.Tensor:
-    """Forward of an LDM-layout U-Net (input_blocks, middle_block, output_blocks, out) with residuals added."""
-    if residuals is not None and len(residuals.down) != len(unet.input_blocks):
-        family = getattr(getattr(unet, "config", None), "family", "this model")
-        raise ValueError(f"the ControlNet gives {len(residuals.down)} skip residuals but {family} has "
+                     y: torch.Tensor | None = None, residuals: AnyResiduals | None = None) -> torch.Tensor:
+    """Forward of an LDM-layout U-Net (input_blocks, middle_block, output_blocks, out) with residuals added:
+    ControlNet residuals on the skips and the middle, adapter features after input blocks and the middle."""
+    control, adapter = _split(residuals)
+    family = getattr(getattr(unet, "config", None), "family", "this model")
+    if control is not None and len(control.down) != len(unet.input_blocks):
+        raise ValueError(f"the ControlNet gives {len(control.down)} skip residuals but {family} has "
                          f"{len(unet.input_blocks)} skip connections: the ControlNet belongs to another model family")
+    if adapter is not None and len(adapter.input) != len(unet.input_blocks):
+        raise ValueError(f"the adapter features are placed on {len(adapter.input)} input blocks but {family} has "
+                         f"{len(unet.input_blocks)}: place them for this U-Net (AdapterUnit.unet_config)")
     dtype = unet.input_blocks[0][0].weight.dtype
     emb = unet.time_embed(timestep_embedding(timesteps, unet.model_channels).to(dtype))
     if hasattr(unet, "label_emb"):
@@ -69,22 +123,26 @@ def ldm_unet_forward(unet: nn.Module, x: torch.Tensor, timesteps: torch.Tensor, 
         emb = emb + unet.label_emb(y.to(dtype))
     h, context = x.to(dtype), None if context is None else context.to(dtype)
     skips = []
-    for block in unet.input_blocks:
+    for i, block in enumerate(unet.input_blocks):
         h = block(h, emb, context)
+        if adapter is not None:
+            h = _add(h, adapter.input[i], f"input block {i} (adapter feature)")
         skips.append(h)
     h = unet.middle_block(h, emb, context)
-    if residuals is not None:
-        h = _add(h, residuals.mid, "the middle block")
+    if control is not None:
+        h = _add(h, control.mid, "the middle block")
+    if adapter is not None:
+        h = _add(h, adapter.mid, "the middle block (adapter feature)")
     for block in unet.output_blocks:
         skip = skips.pop()
-        if residuals is not None:
-            skip = _add(skip, residuals.down[len(skips)], f"skip connection {len(skips)}")
+        if control is not None:
+            skip = _add(skip, control.down[len(skips)], f"skip connection {len(skips)}")
         h = block(torch.cat([h, skip], dim=1), emb, context)
     return unet.out(h).to(x.dtype)
 
 
 @contextlib.contextmanager
-def residuals_injected(unet: nn.Module, residuals: ControlNetOutput | None) -> Iterator[nn.Module]:
+def residuals_injected(unet: nn.Module, residuals: AnyResiduals | None) -> Iterator[nn.Module]:
     """For a U-Net whose forward takes no residuals: route its forward through ldm_unet_forward, then restore."""
     had_own = "forward" in vars(unet)
     original = vars(unet).get("forward")
@@ -189,9 +247,17 @@ class ControlUnit:
     """A ControlNet with its condition image and settings, ready to run at each sampling step."""
 
     controlnet: ControlNet
-    hint: torch.Tensor  # (1 or B, C, 8h, 8w) in [0, 1]
+    hint: torch.Tensor  # (1 or B, C, 8h, 8w) in [0, 1]; unused when `conditions` are given
     settings: ControlSettings = ControlSettings()
     encoded_hint: torch.Tensor | None = None  # controlnet.encode_hint(hint), cached across the steps of a run
+    # Union ControlNets only: the (type, hint, scale) run together in one forward; () runs core's "auto" on `hint`
+    conditions: tuple[UnionCondition, ...] = ()
+
+    def __post_init__(self) -> None:
+        if self.conditions and not isinstance(self.controlnet, UnionControlNet):
+            raise ValueError("control types (conditions) apply to a Union ControlNet only; this is a plain "
+                             "ControlNet: drop the types")
+        object.__setattr__(self, "conditions", tuple(self.conditions))
 
 
 def _rows(t: torch.Tensor | None, rows: torch.Tensor | None) -> torch.Tensor | None:
@@ -204,9 +270,11 @@ def _resize_mask(mask: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     return F.interpolate(mask[:, None].float(), size=size, mode="bilinear", align_corners=False)  # (B, 1, h, w)
 
 
-def scale_output(out: ControlNetOutput, mode: ControlMode, strength: float, mask: torch.Tensor | None = None,
-                 global_average_pooling: bool = False) -> ControlNetOutput:
-    """Apply strength, the mode's per-output scales, global pooling (shuffle) and the spatial mask."""
+def scale_output(out: ControlNetOutput | AdapterOutput, mode: ControlMode, strength: float,
+                 mask: torch.Tensor | None = None, global_average_pooling: bool = False) -> Any:
+    """Apply strength, the mode's per-output scales, global pooling (shuffle) and the spatial mask.
+
+    For adapter features the mode's scales run over the features in order (input blocks, then the middle)."""
     scales = output_scales(mode, [r.shape[-2] for r in out.all])
 
     def scale(i: int, r: torch.Tensor) -> torch.Tensor:
@@ -236,6 +304,23 @@ def scale_tokens(out: Any, strength: float, token_mask: torch.Tensor | None = No
     return out.map(scale)
 
 
+def _active(settings: ControlSettings, x: torch.Tensor, percent: float, cond_rows: torch.Tensor | None,
+            cond_side_only: bool = False) -> tuple[float, torch.Tensor | None] | None:
+    """(strength, rows to run or None for all) at this step, or None when the control has no effect."""
+    strength = settings.strength_at(percent)
+    if strength == 0.0:
+        return None
+    if settings.mask is not None and settings.mask.shape[0] not in (1, x.shape[0]):
+        raise ValueError(f"the mask has a batch of {settings.mask.shape[0]} but the latent batch is {x.shape[0]}; "
+                         "give one mask or one per latent")
+    rows = cond_rows if (MODE_RULES[settings.mode].cond_only or cond_side_only) else None
+    if rows is not None and rows.all():
+        rows = None
+    if rows is not None and not rows.any():
+        return None
+    return strength, rows
+
+
 def run_control(unit: ControlUnit, x: torch.Tensor, timesteps: torch.Tensor, context: torch.Tensor,
                 y: torch.Tensor | None, percent: float, cond_rows: torch.Tensor | None = None) -> ControlNetOutput | None:
     """Residuals of one ControlNet at one step, or None when it has no effect (its forward is skipped).
@@ -243,19 +328,17 @@ def run_control(unit: ControlUnit, x: torch.Tensor, timesteps: torch.Tensor, con
     cond_rows: (B,) bool, True for the conditional rows of a CFG batch; None means every row is conditional.
     """
     settings, cfg = unit.settings, unit.controlnet.config
-    strength = settings.strength_at(percent)
-    if strength == 0.0:
+    active = _active(settings, x, percent, cond_rows, cfg.global_average_pooling)
+    if active is None:
         return None
-    if settings.mask is not None and settings.mask.shape[0] not in (1, x.shape[0]):
-        raise ValueError(f"the mask has a batch of {settings.mask.shape[0]} but the latent batch is {x.shape[0]}; "
-                         "give one mask or one per latent")
-    rows = cond_rows if (MODE_RULES[settings.mode].cond_only or cfg.global_average_pooling) else None
-    if rows is not None and rows.all():
-        rows = None
-    if rows is not None and not rows.any():
-        return None
-    out = unit.controlnet(_rows(x, rows), _rows(unit.hint, rows), _rows(timesteps, rows), _rows(context, rows),
-                          _rows(y, rows), guided_hint=_rows(unit.encoded_hint, rows))
+    strength, rows = active
+    if unit.conditions:
+        conditions = [replace(c, hint=_rows(c.hint, rows), encoded=_rows(c.encoded, rows)) for c in unit.conditions]
+        out = unit.controlnet(_rows(x, rows), None, _rows(timesteps, rows), _rows(context, rows), _rows(y, rows),
+                              conditions=conditions)
+    else:
+        out = unit.controlnet(_rows(x, rows), _rows(unit.hint, rows), _rows(timesteps, rows), _rows(context, rows),
+                              _rows(y, rows), guided_hint=_rows(unit.encoded_hint, rows))
     out = scale_output(out, settings.mode, strength, _rows(settings.mask, rows), cfg.global_average_pooling)
     if rows is None:
         return out
@@ -268,17 +351,24 @@ def run_control(unit: ControlUnit, x: torch.Tensor, timesteps: torch.Tensor, con
     return out.map(scatter)
 
 
-def compute_residuals(units: Sequence[ControlUnit], x: torch.Tensor, timesteps: torch.Tensor, context: torch.Tensor,
-                      y: torch.Tensor | None = None, percent: float = 0.0, cond_rows: torch.Tensor | None = None,
-                      unet_config: ControlNetConfig | None = None) -> ControlNetOutput | None:
-    """Sum of the residuals of several ControlNets at one step (paper §3: composition by addition)."""
-    total: ControlNetOutput | None = None
+def compute_residuals(units: Sequence["ControlUnit | AdapterUnit"], x: torch.Tensor, timesteps: torch.Tensor,
+                      context: torch.Tensor, y: torch.Tensor | None = None, percent: float = 0.0,
+                      cond_rows: torch.Tensor | None = None,
+                      unet_config: ControlNetConfig | None = None) -> Residuals | None:
+    """Sum of the residuals of several ControlNets and adapters at one step, for one U-Net pass (paper §3:
+    composition by addition; ComfyUI control_merge adds the adapters' 'input' lists the same way)."""
+    total: Residuals | None = None
     for unit in units:
-        if unet_config is not None:
-            check_compatible(unit.controlnet.config, unet_config)
-        out = run_control(unit, x, timesteps, context, y, percent, cond_rows)
-        if out is not None:
-            total = out if total is None else total + out
+        if isinstance(unit, AdapterUnit):
+            adapter = run_adapter(unit, x, percent, cond_rows)
+            part = None if adapter is None else Residuals(adapter=adapter)
+        else:
+            if unet_config is not None:
+                check_compatible(unit.controlnet.config, unet_config)
+            control = run_control(unit, x, timesteps, context, y, percent, cond_rows)
+            part = None if control is None else Residuals(control=control)
+        if part is not None:
+            total = part if total is None else total + part
     return total
 
 
@@ -409,3 +499,73 @@ def control_kind(model: Any) -> ControlKind:
             return CONTROL_KINDS[cls]
     raise TypeError(f"{type(model).__name__} is not a control model ZeroConv can run; known: "
                     f"{', '.join(c.__name__ for c in CONTROL_KINDS)}")
+# ---- T2I-Adapters: run once per latent size ----------------------------------------------------------------
+class AdapterCache:
+    """The placed features of one adapter unit for the last few latent sizes.
+
+    An adapter depends only on its control image, resized to the latent's size: not on the noisy latent, the
+    timestep or the prompt. So it runs once per latent size (and dtype/device) and every step reuses the result;
+    a step then costs only the additions. ComfyUI's T2IAdapter.get_control keeps `control_input` the same way,
+    dropping it when the latent size changes. Two sizes are kept (e.g. a hires-fix pass and the base pass).
+    """
+
+    SIZE = 2
+
+    def __init__(self) -> None:
+        self.entries: OrderedDict[tuple, AdapterOutput] = OrderedDict()
+        self.runs = 0  # how many times the adapter ran (tests and benchmarks read it)
+
+    def get(self, key: tuple, make: Any) -> AdapterOutput:
+        if key in self.entries:
+            self.entries.move_to_end(key)
+            return self.entries[key]
+        value = make()
+        self.runs += 1
+        self.entries[key] = value
+        while len(self.entries) > self.SIZE:
+            self.entries.popitem(last=False)
+        return value
+
+
+@dataclass(frozen=True)
+class AdapterUnit:
+    """A T2I-Adapter with its control image and settings (strength, step range, mask, mode, schedule)."""
+
+    adapter: T2IAdapter
+    hint: torch.Tensor  # (1 or B, C, H, W) in [0, 1], any size: fitted to adapter_hint_size (crop and resize)
+    settings: ControlSettings = ControlSettings()
+    unet_config: ControlNetConfig | None = None  # where the features go; None: the adapter's family (SD1.5 / SDXL)
+    cache: AdapterCache = field(default_factory=AdapterCache, compare=False, repr=False)
+
+
+def adapter_features(unit: AdapterUnit, latent_hw: tuple[int, int], dtype: torch.dtype,
+                     device: torch.device) -> AdapterOutput:
+    """The unit's unscaled features placed on the U-Net for a latent size: computed once, then cached."""
+    latent_hw = (int(latent_hw[0]), int(latent_hw[1]))
+
+    def make() -> AdapterOutput:
+        size = adapter_hint_size(unit.adapter, latent_hw)
+        hint = fit_hint(unit.hint, *size, HintFit.CROP_AND_RESIZE, mode="nearest-exact")  # ComfyUI's resize
+        weight = next(unit.adapter.parameters())
+        with torch.no_grad():
+            features = unit.adapter(hint.to(weight.device))
+        placed = place_features(features, unit.adapter.config, unit.unet_config)
+        return placed.map(lambda _, f: f.to(device=device, dtype=dtype))
+
+    return unit.cache.get((latent_hw, dtype, device), make)
+
+
+def run_adapter(unit: AdapterUnit, x: torch.Tensor, percent: float,
+                cond_rows: torch.Tensor | None = None) -> AdapterOutput | None:
+    """The adapter's features at one step, scaled as run_control scales residuals, or None when without effect."""
+    settings = unit.settings
+    active = _active(settings, x, percent, cond_rows)
+    if active is None:
+        return None
+    strength, rows = active
+    out = scale_output(adapter_features(unit, tuple(x.shape[-2:]), x.dtype, x.device), settings.mode, strength,
+                       settings.mask)
+    if rows is None:
+        return out
+    keep = rows.to(device=x.device, dtype=x.dtype)[:, None, None, None]
+    return out.map(lambda _, f: f * keep)

@@ -33,8 +33,9 @@ DIFFUSERS_WEIGHT_NAMES: tuple[str, ...] = (
     "diffusion_pytorch_model.bin", "diffusion_pytorch_model.bin.index.json",
     "diffusion_pytorch_model.fp16.bin", "diffusion_pytorch_model.fp16.bin.index.json",
 )
-# Pickles that nest the weights under one key (Lightning .ckpt, the kohya diff .pth writer).
-NESTED_STATE_KEYS: tuple[str, ...] = ("state_dict",)
+# Pickles that nest the weights under one key (Lightning .ckpt, the kohya diff .pth writer, some T2I-Adapter .pth
+# files: ComfyUI load_t2i_adapter unwraps "adapter").
+NESTED_STATE_KEYS: tuple[str, ...] = ("state_dict", "adapter")
 REFETCH = "it may be truncated or corrupt: download or copy it again"
 # Pickle opcodes that import or call objects (pickletools names); weights-only pickles need none of them.
 CODE_OPCODES = frozenset({"GLOBAL", "STACK_GLOBAL", "INST", "OBJ", "REDUCE", "NEWOBJ", "NEWOBJ_EX", "BUILD"})

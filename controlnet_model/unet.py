@@ -13,7 +13,7 @@ from torch import nn
 from .blocks import normalization, zero_module
 from .config import ControlNetConfig
 from .layout import build_input_blocks, build_label_emb, build_middle_block, build_output_blocks, build_time_embed
-from .residuals import as_residuals, ldm_unet_forward
+from .residuals import from_host_dict, ldm_unet_forward
 
 
 class UNetModel(nn.Module):
@@ -41,5 +41,7 @@ class UNetModel(nn.Module):
     def forward(self, x: torch.Tensor, timesteps: torch.Tensor | None = None, context: torch.Tensor | None = None,
                 y: torch.Tensor | None = None, control: Any = None, transformer_options: dict | None = None,
                 **kwargs: Any) -> torch.Tensor:
-        """x (B, C, h, w), timesteps (B,) in 0..999, context (B, T, D), y (B, adm); control: residuals."""
-        return ldm_unet_forward(self, x, timesteps, context, y, as_residuals(control))
+        """x (B, C, h, w), timesteps (B,) in 0..999, context (B, T, D), y (B, adm); control: residuals (ours, or a
+        host dict with 'output' / 'middle' / 'input' lists)."""
+        residuals = control if control is None or not isinstance(control, dict) else from_host_dict(control)
+        return ldm_unet_forward(self, x, timesteps, context, y, residuals)

@@ -58,7 +58,7 @@ def test_two_controlnets_add_up(tiny_unet, tiny_controlnet, tiny_inputs) -> None
         total = compute_residuals([a, b], tiny_inputs["x"], tiny_inputs["timesteps"], tiny_inputs["context"],
                                   percent=0.5, unet_config=tiny_unet.config)
     ra, rb = _run(a, tiny_inputs), _run(b, tiny_inputs)
-    for t, x, y in zip(total.all, ra.all, rb.all):
+    for t, x, y in zip(total.control.all, ra.all, rb.all):
         torch.testing.assert_close(t, x + y)
 
 

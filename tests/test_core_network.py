@@ -109,3 +109,16 @@ def test_config_validation_names_the_field() -> None:
         preset("sd99")
     cfg = preset("sdxl")
     assert ControlNetConfig.from_json(cfg.to_json()) == cfg
+
+
+@pytest.mark.parametrize("use_linear", [False, True])
+def test_spatial_transformer_returns_a_contiguous_tensor(use_linear: bool) -> None:
+    # A channels-last view here makes every following convolution reorder its input (issue 16); the speed
+    # itself is guarded by bench/bench_comfyui_step.py, not by a timed test.
+    from zeroconv.controlnet_model.blocks import SpatialTransformer
+
+    block = SpatialTransformer(32, heads=2, dim_head=16, depth=1, context_dim=24, use_linear=use_linear).eval()
+    torch.nn.init.normal_(block.proj_out.weight)
+    with torch.no_grad():
+        out = block(torch.randn(2, 32, 4, 6), torch.randn(2, 5, 24))
+    assert out.shape == (2, 32, 4, 6) and out.is_contiguous()

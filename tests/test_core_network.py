@@ -122,3 +122,12 @@ def test_spatial_transformer_returns_a_contiguous_tensor(use_linear: bool) -> No
     with torch.no_grad():
         out = block(torch.randn(2, 32, 4, 6), torch.randn(2, 5, 24))
     assert out.shape == (2, 32, 4, 6) and out.is_contiguous()
+
+
+def test_hint_from_a_host_image_is_encoded_in_the_standard_layout(tiny_controlnet: ControlNet) -> None:
+    from zeroconv.controlnet_model.hint import image_to_hint
+
+    hint = image_to_hint(torch.rand(2, 64, 64, 3))
+    assert hint.is_contiguous()
+    with torch.no_grad():
+        assert tiny_controlnet.encode_hint(hint.permute(0, 2, 3, 1).contiguous().permute(0, 3, 1, 2)).is_contiguous()

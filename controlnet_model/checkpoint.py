@@ -30,7 +30,7 @@ from .config import FAMILY_BY_CONTEXT_DIM, ControlNetConfig
 from .diffusers_format import config_changes, diffusers_config, is_bgr, read_config_json
 from .metadata import FORMAT_VERSION, PREFIX, ControlNetMetadata, content_hash, control_type_from_name
 from .network import ControlNet
-from .safetensors_io import WeightFile, constant, open_weights, read_state_dict
+from .safetensors_io import WeightFile, constant, open_weights, read_state_dict, refuse_non_finite
 
 logger = logging.getLogger(__name__)
 
@@ -525,6 +525,7 @@ def _build(config: ControlNetConfig, plan: Plan, file: Path, dtype: torch.dtype,
     """Check every key and shape, then read the tensors one at a time into `dtype` on `device` (strict)."""
     expected = check_fits({k: s.meta for k, s in plan.items()}, config, str(file))
     tensors = {key: plan[key].load().to(device=device, dtype=dtype) for key in expected}  # one at a time
+    refuse_non_finite(tensors, file)  # after the cast, on the device: an fp32 -> fp16 overflow counts too
     with torch.device("meta"):
         model = ControlNet(config)
     model.load_state_dict(tensors, strict=True, assign=True)

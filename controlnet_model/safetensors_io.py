@@ -12,7 +12,7 @@ import json
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Mapping
 
 import torch
 
@@ -105,9 +105,28 @@ def _open_safetensors(file: Path) -> WeightFile:
             shapes[key] = torch.empty(piece.get_shape(), dtype=dtype, device="meta")
         metadata = dict(handle.metadata() or {})
     except (SafetensorError, OSError) as exc:
-        raise ValueError(f"{file} is not a valid safetensors file ({exc}); {REFETCH}") from None
+        raise ValueError(not_weights(file) or f"{file} is damaged: it is not a valid safetensors file ({exc}); "
+                         f"{REFETCH}") from None
     readers = {key: functools.partial(handle.get_tensor, key) for key in shapes}
     return WeightFile(file, metadata, shapes, readers)
+
+
+def not_weights(file: Path) -> str | None:
+    """The error for a file that holds text, not weights (a Git LFS pointer, an HTML error page), else None."""
+    with open(file, "rb") as f:
+        head = f.read(512)
+    try:
+        text = head.decode("utf-8")
+    except UnicodeDecodeError:
+        return None
+    if not text or not all(c.isprintable() or c in "\t\r\n" for c in text):
+        return None
+    first = text.strip().splitlines()[0][:60] if text.strip() else ""
+    if text.startswith("version https://git-lfs"):
+        return (f"{file} is a Git LFS pointer (a small text file), not the weights: fetch the real file "
+                "(`git lfs pull` in its repository, or download it again from the model page)")
+    return (f"{file} is not a weight file but text (it starts with {first!r}): the download is corrupt (an error "
+            "page or the wrong file saved under this name); download the weights again")
 
 
 def _open_pickle(file: Path) -> WeightFile:
@@ -138,6 +157,9 @@ def _identity(tensor: torch.Tensor) -> torch.Tensor:
 
 def _torch_load(file: Path) -> Any:
     """torch.load(weights_only=True), memory-mapped for zip-format files; clear errors for refused/bad pickles."""
+    text = not_weights(file)
+    if text:
+        raise ValueError(text)
     try:
         try:
             return torch.load(file, map_location="cpu", weights_only=True, mmap=True)
@@ -152,8 +174,8 @@ def _torch_load(file: Path) -> Any:
                              "weights), and that code is never run. If you trust its source, convert it to "
                              ".safetensors with the tool that made it") from None
         detail = next((line.strip() for line in text.splitlines() if "Unsupported" in line), text.split("\n")[0])
-        raise ValueError(f"{file} is not a readable checkpoint ({type(exc).__name__}: {detail[:200]}); "
-                         f"{REFETCH}") from None
+        raise ValueError(f"{file} is damaged: it is not a readable checkpoint ({type(exc).__name__}: "
+                         f"{detail[:200]}); {REFETCH}") from None
 
 
 def _wants_code(file: Path) -> bool:
@@ -162,6 +184,9 @@ def _wants_code(file: Path) -> bool:
 
     try:
         with open(file, "rb") as f:
+            if f.read(1) != b"\x80":  # torch.save writes protocol 2+, which opens with PROTO: garbage is no pickle
+                return False
+            f.seek(0)
             return any(op.name in CODE_OPCODES for op, _, _ in pickletools.genops(f))
     except Exception:  # not a pickle that parses: garbage, or a zip archive, so nothing that wants code
         return False
@@ -183,6 +208,29 @@ def _open_shards(index: Path) -> WeightFile:
     for shard in shards.values():
         metadata.update(shard.metadata)
     return WeightFile(index, metadata, shapes, readers)
+
+
+def refuse_non_finite(tensors: Mapping[str, torch.Tensor], file: Path | str) -> None:
+    """ValueError naming the file and its first tensor holding NaN or inf (such weights sample black images).
+
+    Cheap enough to run on every load (issue 16 measures it; bench/bench_load.py): one plain `sum` per floating
+    tensor, on the device and in the dtype the weights are loaded to, and one host sync for the whole file. A sum
+    is finite unless some element is NaN/inf or the sum overflows; only then are that file's tensors checked
+    element by element, so a large but finite fp16 tensor is never refused.
+    """
+    floats = [(key, t) for key, t in tensors.items() if t.is_floating_point() and t.numel()]
+    if not floats:
+        return
+    sums = torch.stack([t.sum().float().reshape(()).to(floats[0][1].device) for _, t in floats])
+    if bool(torch.isfinite(sums).all()):
+        return
+    for key, t in floats:
+        if not bool(torch.isfinite(t).all()):
+            bad = int((~torch.isfinite(t)).sum())
+            raise ValueError(f"{file} holds NaN or infinite weights (tensor {key}: {bad} of {t.numel()} values; "
+                             f"checked in {str(t.dtype).removeprefix('torch.')}): such a ControlNet makes black "
+                             "images. The file is damaged or comes from a training run that diverged; download it "
+                             "again or use an earlier checkpoint")
 
 
 def read_state_dict(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:

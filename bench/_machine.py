@@ -1,0 +1,42 @@
+"""What a benchmark's numbers depend on, written beside them: CPU, cores, RAM, versions, load averages."""
+from __future__ import annotations
+
+import os
+import platform
+from pathlib import Path
+
+import torch
+
+
+def machine() -> str:
+    """CPU model, cores, RAM, torch and library versions."""
+    cpu = platform.processor() or platform.machine()
+    try:
+        cpu = next(line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                   if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+    versions = [f"torch {torch.__version__}", f"Python {platform.python_version()}"]
+    for name in ("safetensors", "diffusers"):
+        try:
+            versions.append(f"{name} {__import__(name).__version__}")
+        except ImportError:
+            pass
+    return f"{cpu}, {os.cpu_count()} cores, {mem:.0f} GiB RAM; " + ", ".join(versions)
+
+
+def comfyui_version() -> str:
+    """ComfyUI's version file, and COMFYUI_COMMIT when given (an extracted checkout has no .git to ask)."""
+    path = Path(os.environ.get("COMFYUI_PATH", "")) / "comfyui_version.py"
+    version = path.read_text().split('"')[1] if path.is_file() else "unknown version"
+    commit = os.environ.get("COMFYUI_COMMIT")
+    return f"{version} (commit {commit})" if commit else version
+
+
+def load_average() -> str:
+    """1/5/15-minute load averages: a shared machine's numbers mean little without them."""
+    try:
+        return "/".join(Path("/proc/loadavg").read_text().split()[:3])
+    except OSError:
+        return "unknown"

@@ -40,3 +40,12 @@ def load_average() -> str:
         return "/".join(Path("/proc/loadavg").read_text().split()[:3])
     except OSError:
         return "unknown"
+
+
+def write_table(folder: Path, stem: str, lines: list[str]) -> Path:
+    """Write a result table as `<folder>/<stem>-<host>.md`, print it, return its path."""
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"{stem}-{platform.node() or 'machine'}.md"
+    path.write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+    return path

@@ -22,14 +22,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
 import textwrap
 from pathlib import Path
 
-from _machine import comfyui_version, load_average, machine  # bench/ is on sys.path when run as a script
+from _machine import comfyui_version, load_average, machine, write_table  # bench/ is on sys.path when run as a script
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -216,10 +215,7 @@ def main() -> int:
              f"Same file, same arithmetic: final latents ours vs core differ by {report['ours_vs_core']:.2e}, "
              f"composed vs chain by {report['composed_vs_chain']:.2e} (latent scale {report['scale']:.2f}; the "
              f"control changes the latent by {report['control_effect']:.2e})."]
-    args.out.mkdir(parents=True, exist_ok=True)
-    result = args.out / f"comfyui-step-{args.device}-{platform.node() or 'machine'}.md"
-    result.write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    write_table(args.out, f"comfyui-step-{args.device}", lines)
     return 0
 
 

@@ -17,7 +17,6 @@ import argparse
 import json
 import logging
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -26,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-from _machine import comfyui_version, load_average, machine  # bench/ is on sys.path when run as a script
+from _machine import comfyui_version, load_average, machine, write_table  # bench/ is on sys.path when run as a script
 
 logger = logging.getLogger("bench_load")
 
@@ -168,10 +167,7 @@ def main() -> int:
              "| --- | --- | --- | --- | --- | --- | --- |", *rows, "",
              "ZeroConv's NaN/inf check alone (part of every ZeroConv row above), in-process on the loaded weights:",
              "", "| check | ms (median) | range |", "| --- | --- | --- |", *checks]
-    args.out.mkdir(parents=True, exist_ok=True)
-    result = args.out / f"load-{platform.node() or 'machine'}.md"
-    result.write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    write_table(args.out, "load", lines)
     return 0
 
 

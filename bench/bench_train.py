@@ -144,7 +144,7 @@ def run_case(name: str, build, cfg: ControlNetConfig, args: argparse.Namespace, 
 def write_results(rows: list[dict], args: argparse.Namespace, device: torch.device) -> Path:
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu"
     machine = args.machine or name.lower().replace("nvidia", "").strip().replace(" ", "-")
-    path = RESULTS / f"train-{machine}.md"
+    path = (args.out or RESULTS) / f"train-{machine}.md"
     lines = [f"# Training step, SD1.5 shapes {args.size}x{args.size}, batch {args.batch} ({name})", "",
              f"torch {torch.__version__}, precision {args.precision} autocast, gradient checkpointing "
              f"{'on' if args.gradient_checkpointing else 'off'}, {args.iters} timed steps after {args.warmup} warm-up; "
@@ -159,7 +159,7 @@ def write_results(rows: list[dict], args: argparse.Namespace, device: torch.devi
                   f"{ours['peak_gib'] / theirs['peak_gib']:.2f}x peak memory (target >= 1.3x at <= 1.0x)."]
     lines += ["", "Reference from the issue (H100, diffusers' models): ControlNet 168 ms (47.6 samples/s), 15.7 GiB; "
               "full fine-tune 168 ms, 20.8 GiB.", f"Command: `python {' '.join(sys.argv)}`", ""]
-    RESULTS.mkdir(parents=True, exist_ok=True)
+    path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("\n".join(lines))
     return path
 
@@ -173,6 +173,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--iters", type=int, default=10)
     parser.add_argument("--machine", default="", help="name in the results file (default: the GPU name)")
+    parser.add_argument("--out", type=Path, default=None, help=f"results folder (default {RESULTS})")
     parser.add_argument("--no-diffusers", action="store_true", help="leave out diffusers' ControlNet step")
     parser.add_argument("--smoke", action="store_true", help="tiny preset on CPU, 2 steps, writes nothing")
     args = parser.parse_args(argv)

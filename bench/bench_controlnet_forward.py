@@ -184,8 +184,8 @@ def main() -> int:
     for name in args.presets.split(","):
         rows = measure(torch.device("cuda"), cuda_time, args.iters, name, size=SIZES[name], adapter=name == "sd15")
         base = next((ms for n, ms in rows if n == "diffusers ControlNetModel eager"), None)
-        lines += [f"## {name} ({SIZES[name] * 8}x{SIZES[name] * 8})", "", "| variant | ms per forward | / diffusers eager |",
-                  "| --- | --- | --- |"]
+        side = SIZES[name] * 8
+        lines += [f"## {name} ({side}x{side})", "", "| variant | ms per forward | / diffusers eager |", "| --- | --- | --- |"]
         lines += [f"| {n} | {ms:.3g} | {ms / base:.2f} |" if base and "not ms" not in n else f"| {n} | {ms:.3g} | |"
                   for n, ms in rows]
         lines.append("")

@@ -98,7 +98,8 @@ def diffusers_controlnet_case(cfg: ControlNetConfig, device: torch.device, dtype
     attention = [bool(depth) for depth in cfg.transformer_depth]
     unet = UNet2DConditionModel(sample_size=64, in_channels=cfg.in_channels, out_channels=cfg.out_channels,
                                 block_out_channels=tuple(cfg.model_channels * m for m in cfg.channel_mult),
-                                down_block_types=tuple("CrossAttnDownBlock2D" if a else "DownBlock2D" for a in attention),
+                                down_block_types=tuple("CrossAttnDownBlock2D" if a else "DownBlock2D"
+                                                       for a in attention),
                                 up_block_types=tuple("CrossAttnUpBlock2D" if a else "UpBlock2D"
                                                      for a in reversed(attention)),
                                 layers_per_block=cfg.num_res_blocks, cross_attention_dim=cfg.context_dim,

@@ -30,7 +30,7 @@ from .config import FAMILY_BY_CONTEXT_DIM, ControlNetConfig
 from .diffusers_format import config_changes, diffusers_config, is_bgr, read_config_json
 from .metadata import FORMAT_VERSION, PREFIX, ControlNetMetadata, content_hash, control_type_from_name
 from .network import ControlNet
-from .safetensors_io import WeightFile, constant, open_weights, read_state_dict, refuse_non_finite
+from .safetensors_io import WeightFile, check_finite, constant, open_weights, read_state_dict
 
 logger = logging.getLogger(__name__)
 
@@ -251,7 +251,7 @@ def load_controlnet(path: str | Path, *, base_unet: nn.Module | Mapping[str, tor
     config = _resolve_config(weights, plan, base, base_unet, sidecar, path)
     if base is not None:
         plan = _fill_from_base(plan, config, base)
-    model = _build(config, plan, weights.path, dtype or _file_dtype(weights), torch.device(device))
+    model = _build(config, plan, weights.path, dtype or _file_dtype(weights), torch.device(device), base is None)
     logger.info("loaded %s (%s, %s)", path.name, fmt.value, config.family)
     return LoadedControlNet(model, config, fmt, _describe(weights, config, fmt, path), path)
 
@@ -521,11 +521,13 @@ def check_fits(shapes: Mapping[str, torch.Tensor], config: ControlNetConfig, wha
     return expected
 
 
-def _build(config: ControlNetConfig, plan: Plan, file: Path, dtype: torch.dtype, device: torch.device) -> ControlNet:
-    """Check every key and shape, then read the tensors one at a time into `dtype` on `device` (strict)."""
+def _build(config: ControlNetConfig, plan: Plan, file: Path, dtype: torch.dtype, device: torch.device,
+           self_contained: bool = True) -> ControlNet:
+    """Check every key and shape, then read the tensors one at a time into `dtype` on `device` (strict); refuse
+    NaN/inf weights (a file without a base model is checked once per dtype, then remembered)."""
     expected = check_fits({k: s.meta for k, s in plan.items()}, config, str(file))
     tensors = {key: plan[key].load().to(device=device, dtype=dtype) for key in expected}  # one at a time
-    refuse_non_finite(tensors, file)  # after the cast, on the device: an fp32 -> fp16 overflow counts too
+    check_finite(tensors, file, dtype, self_contained)  # after the cast, on the device: fp32 -> fp16 overflow too
     with torch.device("meta"):
         model = ControlNet(config)
     model.load_state_dict(tensors, strict=True, assign=True)

@@ -210,6 +210,60 @@ def _open_shards(index: Path) -> WeightFile:
     return WeightFile(index, metadata, shapes, readers)
 
 
+def check_finite(tensors: Mapping[str, torch.Tensor], file: Path, dtype: torch.dtype, cacheable: bool) -> None:
+    """refuse_non_finite, skipped for a file already found finite in this dtype: once per file, not per load.
+
+    Files are remembered by (real path, size, mtime_ns, dtype) in this process and in
+    $ZEROCONV_CACHE_DIR/finite-weights.json (default ~/.cache/zeroconv), so a ComfyUI restart does not check the
+    same unchanged file again. Not cacheable: weights combined with a base model (diff, Control-LoRA), whose
+    result also depends on that model, and shard indexes (their shards change without the index).
+    """
+    key = _finite_key(file, dtype) if cacheable and file.is_file() and not file.name.endswith(".index.json") else None
+    if key is not None and key in _known_finite():
+        return
+    refuse_non_finite(tensors, file)
+    if key is not None:
+        _remember_finite(key)
+
+
+FINITE_CACHE_ENTRIES = 512  # newest kept; a line each
+_FINITE: set[str] = set()
+
+
+def _finite_key(file: Path, dtype: torch.dtype) -> str:
+    stat = file.stat()
+    return f"{file.resolve()}|{stat.st_size}|{stat.st_mtime_ns}|{str(dtype).removeprefix('torch.')}"
+
+
+def _finite_cache() -> Path:
+    import os
+
+    folder = os.environ.get("ZEROCONV_CACHE_DIR") or Path.home() / ".cache" / "zeroconv"
+    return Path(folder) / "finite-weights.json"
+
+
+def _known_finite() -> set[str]:
+    if not _FINITE:
+        try:
+            _FINITE.update(json.loads(_finite_cache().read_text()))
+        except (OSError, ValueError, TypeError):  # none yet, unreadable or damaged: check again, that is all
+            pass
+    return _FINITE
+
+
+def _remember_finite(key: str) -> None:
+    from .atomic import atomic_write_text
+
+    known = [k for k in _known_finite() if k != key][-(FINITE_CACHE_ENTRIES - 1):] + [key]
+    _FINITE.add(key)
+    try:
+        path = _finite_cache()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(path, json.dumps(known, indent=0))
+    except OSError as exc:  # a read-only home: the check simply runs on every load
+        logger.debug("could not record %s as checked: %s", key, exc)
+
+
 def refuse_non_finite(tensors: Mapping[str, torch.Tensor], file: Path | str) -> None:
     """ValueError naming the file and its first tensor holding NaN or inf (such weights sample black images).
 

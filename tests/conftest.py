@@ -54,3 +54,11 @@ def tiny_controlnet(tiny_unet: UNetModel) -> ControlNet:
 @pytest.fixture
 def tiny_inputs(tiny_unet: UNetModel) -> dict[str, torch.Tensor]:
     return make_inputs(tiny_unet.config)
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _private_cache_dir(tmp_path_factory) -> None:
+    """Loads remember checked files under $ZEROCONV_CACHE_DIR: the tests' own, not the user's ~/.cache."""
+    import os
+
+    os.environ["ZEROCONV_CACHE_DIR"] = str(tmp_path_factory.mktemp("zeroconv-cache"))

@@ -91,3 +91,22 @@ def test_a_truncated_safetensors_file_is_damaged(saved, tmp_path, keep) -> None:
     with pytest.raises(ValueError) as info:
         load_controlnet(cut)
     assert str(cut) in str(info.value) and "damaged" in str(info.value) and "again" in str(info.value)
+
+
+def test_a_file_is_checked_once_per_dtype_then_remembered(saved, monkeypatch) -> None:
+    from zeroconv.controlnet_model import safetensors_io
+
+    _, good = saved
+    calls = []
+    real = safetensors_io.refuse_non_finite
+    monkeypatch.setattr(safetensors_io, "refuse_non_finite", lambda *a: calls.append(a[1]) or real(*a))
+    load_controlnet(good)
+    load_controlnet(good)
+    assert calls == [good]
+    safetensors_io._FINITE.clear()  # a new process: the record on disk still holds
+    load_controlnet(good)
+    load_controlnet(good, dtype=torch.float16)  # another dtype is checked again (a cast can overflow)
+    assert calls == [good, good]
+    good.write_bytes(good.read_bytes())  # rewritten: a new mtime, checked again
+    load_controlnet(good)
+    assert len(calls) == 3

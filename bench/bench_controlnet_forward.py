@@ -1,15 +1,15 @@
 """ControlNet forward time on a GPU: ZeroConv eager / compiled / CUDA-graphed vs diffusers' ControlNetModel.
 
-Same random SD1.5 weights (ours exported to diffusers), fp16, batch 2 (cond + uncond), 512x512 (latent 64x64),
-77 tokens. Rows:
+Same random weights (ours exported to diffusers), fp16, batch 2 (cond + uncond), 77 tokens; SD1.5 at 512x512
+(latent 64x64) and SDXL at 1024x1024 (latent 128x128, with its pooled-text/time vector). Rows:
   * diffusers ControlNetModel eager, and the same call captured as a CUDA graph;
   * ZeroConv's ControlNet eager (hint encoded per call, and cached per run as sampling does), compiled, graphed;
   * ZeroConv through the host adapter: one `get_control` per model call as ComfyUI's sampler makes it
     (sigma -> timestep, input scaling, the residual dict), with acceleration none and cuda_graph.
-Reference (issue): diffusers eager 14.4 ms, CUDA-graphed 3.8 ms on an H100. Needs CUDA; elsewhere it says so
-and writes nothing.
+Reference (issue): diffusers eager 14.4 ms, CUDA-graphed 3.8 ms on an H100 (SD1.5). Needs CUDA; elsewhere it
+says so and writes nothing; `--smoke` runs every row that does not need CUDA with tiny presets on the CPU.
 
-    python bench/bench_controlnet_forward.py [--iters 100]
+    python bench/bench_controlnet_forward.py [--iters 100] [--presets sd15,sdxl] [--out DIR]
 """
 from __future__ import annotations
 
@@ -72,7 +72,7 @@ class _EpsSampling:
 
 def measure(device: torch.device, timer: Callable[[Callable[[], object], int], float], iters: int,
             preset_name: str = "sd15", size: int = 64, tokens: int = 77, dtype: torch.dtype = torch.float16,
-            with_diffusers: bool = True, graphs: bool = True) -> list[tuple[str, float]]:
+            with_diffusers: bool = True, graphs: bool = True, adapter: bool = True) -> list[tuple[str, float]]:
     """(variant, ms per forward) rows; the CPU smoke test calls this with a tiny preset and a wall-clock timer."""
     from zeroconv.controlnet_model import ControlNet, preset
     from zeroconv.controlnet_model.accelerate import accelerate
@@ -91,6 +91,11 @@ def measure(device: torch.device, timer: Callable[[Callable[[], object], int], f
     t = torch.tensor([500, 500], device=device)
     ctx = torch.randn(2, tokens, cfg.context_dim, device=device, dtype=dtype)
     hint = torch.rand(2, 3, size * 8, size * 8, device=device, dtype=dtype)
+    y, extra = None, {}
+    if cfg.adm_in_channels:  # SDXL: our y vector; diffusers' the pooled text and the six size/crop numbers
+        y = torch.randn(2, cfg.adm_in_channels, device=device, dtype=dtype)
+        extra = {"added_cond_kwargs": {"text_embeds": torch.randn(2, 1280, device=device, dtype=dtype),
+                                       "time_ids": torch.randn(2, 6, device=device, dtype=dtype)}}
     with torch.no_grad():
         if with_diffusers:
             from diffusers import ControlNetModel
@@ -98,21 +103,28 @@ def measure(device: torch.device, timer: Callable[[Callable[[], object], int], f
             with tempfile.TemporaryDirectory() as tmp:
                 export_diffusers(ours, tmp)
                 theirs = ControlNetModel.from_pretrained(tmp, torch_dtype=dtype).to(device).eval()
-            rows.append(("diffusers ControlNetModel eager", timer(lambda: theirs(x, t, ctx, hint, return_dict=False),
-                                                                iters)))
+            rows.append(("diffusers ControlNetModel eager",
+                         timer(lambda: theirs(x, t, ctx, hint, return_dict=False, **extra), iters)))
             if graphs:
                 rows.append(("diffusers ControlNetModel CUDA graph",
-                             timer(graphed(lambda: theirs(x, t, ctx, hint, return_dict=False)), iters)))
+                             timer(graphed(lambda: theirs(x, t, ctx, hint, return_dict=False, **extra)), iters)))
             del theirs
         ours = ours.to(device, dtype)
         guided = ours.encode_hint(hint)
-        rows.append(("ZeroConv eager (hint encoded per call)", timer(lambda: ours(x, hint, t, ctx), iters)))
+        rows.append(("ZeroConv eager (hint encoded per call)", timer(lambda: ours(x, hint, t, ctx, y), iters)))
         rows.append(("ZeroConv eager (hint cached per run)",
-                     timer(lambda: ours(x, None, t, ctx, guided_hint=guided), iters)))
+                     timer(lambda: ours(x, None, t, ctx, y, guided_hint=guided), iters)))
         for mode in ("compile", "cuda_graph") if graphs else ():
             fast = accelerate(ours, mode)
-            rows.append((f"ZeroConv {mode} (hint cached)", timer(lambda: fast(x, None, t, ctx, guided_hint=guided),
-                                                                 iters)))
+            rows.append((f"ZeroConv {mode} (hint cached)",
+                         timer(lambda: fast(x, None, t, ctx, y, guided_hint=guided), iters)))
+            if mode == "cuda_graph":  # the replayed result is the eager one
+                eager, replayed = ours(x, None, t, ctx, y, guided_hint=guided), fast(x, None, t, ctx, y,
+                                                                                     guided_hint=guided)
+                err = max(float((a - b).abs().max()) for a, b in zip(eager.all, replayed.all))
+                rows.append(("ZeroConv cuda_graph vs eager, max abs difference (not ms)", err))
+        if not adapter:
+            return rows
         ms = _EpsSampling(device)
         model = SimpleNamespace(model_sampling=ms, latent_format=SimpleNamespace(latent_channels=cfg.in_channels),
                                 diffusion_model=SimpleNamespace(config=cfg))
@@ -134,20 +146,50 @@ def measure(device: torch.device, timer: Callable[[Callable[[], object], int], f
     return rows
 
 
+def wall_time(fn: Callable[[], object], iters: int, warmup: int = 1) -> float:
+    """Milliseconds per call by wall clock (the CPU smoke path)."""
+    import time
+
+    for _ in range(warmup):
+        fn()
+    start = time.perf_counter()
+    for _ in range(iters):
+        fn()
+    return (time.perf_counter() - start) * 1000 / iters
+
+
+SIZES = {"sd15": 64, "sdxl": 128}  # latent sides: 512x512 and 1024x1024 images
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--iters", type=int, default=100)
+    parser.add_argument("--presets", default="sd15,sdxl")
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
+    parser.add_argument("--smoke", action="store_true", help="tiny presets on the CPU, eager rows only; writes nothing")
     args = parser.parse_args()
+    if args.smoke:
+        for name in ("tiny", "tiny-sdxl"):
+            for row in measure(torch.device("cpu"), wall_time, 2, name, size=8, dtype=torch.float32, graphs=False,
+                               with_diffusers=name == "tiny", adapter=name == "tiny"):
+                print(f"smoke {name}: {row[0]}: {row[1]:.2f}")
+        return 0
     if not torch.cuda.is_available():
         print("bench_controlnet_forward needs a CUDA device; nothing measured, nothing written", file=sys.stderr)
         return 1
-    rows = measure(torch.device("cuda"), cuda_time, args.iters)
     device = torch.cuda.get_device_name()
-    lines = ["# ControlNet forward (SD1.5 shapes, fp16, batch 2, 512x512)", "",
-             f"Device: {device}; torch {torch.__version__}; host {platform.node()}; {args.iters} iterations, CUDA events.",
-             "Reference (issue, H100): diffusers eager 14.4 ms, diffusers CUDA graph 3.8 ms.",
-             "", "| variant | ms per forward |", "| --- | --- |"] + [f"| {n} | {ms:.2f} |" for n, ms in rows]
+    lines = [f"# ControlNet forward (fp16, batch 2), {device}", "",
+             f"torch {torch.__version__}; host {platform.node()}; {args.iters} iterations after warm-up, CUDA events.",
+             "Reference (issue, H100, SD1.5): diffusers eager 14.4 ms, diffusers CUDA graph 3.8 ms.", ""]
+    for name in args.presets.split(","):
+        rows = measure(torch.device("cuda"), cuda_time, args.iters, name, size=SIZES[name], adapter=name == "sd15")
+        base = next((ms for n, ms in rows if n == "diffusers ControlNetModel eager"), None)
+        side = SIZES[name] * 8
+        lines += [f"## {name} ({side}x{side})", "", "| variant | ms per forward | / diffusers eager |", "| --- | --- | --- |"]
+        lines += [f"| {n} | {ms:.3g} | {ms / base:.2f} |" if base and "not ms" not in n else f"| {n} | {ms:.3g} | |"
+                  for n, ms in rows]
+        lines.append("")
+        torch.cuda.empty_cache()
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / f"forward-{device.replace(' ', '_')}.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))

@@ -30,7 +30,7 @@ import torch
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).parent))
-from bench_load import STATUS, comfyui_note, machine, write_result  # noqa: E402  (shared by the benchmarks)
+from _machine import STATUS, comfyui_note, machine, write_table  # noqa: E402  (shared by the benchmarks)
 
 logger = logging.getLogger("bench_dit_controlnet")
 # label: (double blocks, single blocks, union modes, format)
@@ -220,7 +220,7 @@ def main() -> int:
                   "before loading.", "",
                   "| loader | seconds | peak RSS (MiB) | peak growth (MiB) | parameters |",
                   "| --- | --- | --- | --- | --- |", *load]
-    write_result(args.out, "dit", lines)
+    write_table(args.out, "dit", lines)
     return 0
 
 

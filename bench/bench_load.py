@@ -1,12 +1,15 @@
 """Load time and peak RAM of a full-size SD1.5 ControlNet (random weights, fp16 safetensors), ours vs others.
 
 Writes one native file (bare LDM keys, fp16, 723 MB) and its diffusers export (fp16), then loads them, each
-loader in a fresh subprocess, `--repeats` times: ZeroConv (fp16, and fp32 from the same fp16 file), diffusers'
-ControlNetModel.from_pretrained and .from_single_file (the native file, with the exported config.json, offline),
-and ComfyUI's comfy.controlnet.load_controlnet when COMFYUI_PATH names a checkout. Every loader reads every weight
-once after loading (lazily mapped weights count as loaded). Writes bench/results/load-<machine>.md.
+loader in a fresh subprocess, `--repeats` times, the loaders interleaved (repetition r of every loader runs before
+repetition r + 1 of any): ZeroConv, diffusers' ControlNetModel.from_pretrained and .from_single_file (the native
+file, with the exported config.json, offline), and ComfyUI's comfy.controlnet.load_controlnet when COMFYUI_PATH
+names a checkout (run by COMFYUI_PYTHON when set), each kept in fp16 and cast fp16 -> fp32 as both hosts do on a
+CPU. Every loader reads every weight once after loading (lazily mapped weights count as loaded). Also times
+ZeroConv's NaN/inf check alone (in-process, on the loaded fp16 and fp32 weights). Writes
+bench/results/load-<machine>.md with the machine, versions and load averages.
 
-    python bench/bench_load.py [--repeats 3]
+    COMFYUI_PATH=<ComfyUI checkout> COMFYUI_PYTHON=<its python> python bench/bench_load.py [--repeats 5]
 """
 from __future__ import annotations
 
@@ -14,7 +17,6 @@ import argparse
 import json
 import logging
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -23,19 +25,15 @@ from pathlib import Path
 
 import torch
 
+from _machine import STATUS, comfyui_note, load_average, machine, write_table  # bench/ is on sys.path when run as a script
+
 logger = logging.getLogger("bench_load")
 
-# The child processes' memory probe (MiB from /proc/self/status: VmRSS now, VmHWM the high-water mark).
-STATUS = r"""
-def status(field):
-    for line in open("/proc/self/status"):
-        if line.startswith(field):
-            return int(line.split()[1]) / 1024
-"""
 CHILD = r"""
 import json, os, sys, time
-kind, path, config = sys.argv[1], sys.argv[2], sys.argv[3]
+kind, path, config, dtype = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4]
 import torch
+dtype = getattr(torch, dtype)
 if kind.startswith("comfyui"):
     sys.path.insert(0, os.environ["COMFYUI_PATH"])
     from comfy.cli_args import args
@@ -49,16 +47,14 @@ else:
 """ + STATUS + r"""
 before = status("VmRSS")
 t0 = time.perf_counter()
-if kind == "zeroconv-fp16":
-    model = load_controlnet(path, dtype=torch.float16).model
-elif kind == "zeroconv-fp32":
-    model = load_controlnet(path, dtype=torch.float32).model
+if kind == "zeroconv":
+    model = load_controlnet(path, dtype=dtype).model
 elif kind == "diffusers-pretrained":
-    model = ControlNetModel.from_pretrained(path, torch_dtype=torch.float16)
+    model = ControlNetModel.from_pretrained(path, torch_dtype=dtype)
 elif kind == "diffusers-single-file":
-    model = ControlNetModel.from_single_file(path, config=config, torch_dtype=torch.float16, local_files_only=True)
+    model = ControlNetModel.from_single_file(path, config=config, torch_dtype=dtype, local_files_only=True)
 else:
-    model = comfy.controlnet.load_controlnet(path, model_options={"dtype": torch.float16}).control_model
+    model = comfy.controlnet.load_controlnet(path, model_options={"dtype": dtype}).control_model
 with torch.no_grad():  # read every weight once: lazily mapped files count as loaded
     total = sum(float(p.sum(dtype=torch.float32)) for p in model.state_dict().values())
 elapsed = time.perf_counter() - t0
@@ -69,59 +65,59 @@ print(json.dumps({"seconds": elapsed, "peak_rss_mib": status("VmHWM"), "rss_befo
 """
 
 
-def machine() -> str:
-    """CPU model, cores, RAM, torch and library versions: what the numbers depend on."""
-    cpu = platform.processor() or platform.machine()
-    try:
-        cpu = next(line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                   if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
-    versions = [f"torch {torch.__version__}", f"Python {platform.python_version()}"]
-    for name in ("safetensors", "diffusers"):
-        try:
-            versions.append(f"{name} {__import__(name).__version__}")
-        except ImportError:
-            pass
-    return f"{cpu}, {os.cpu_count()} cores, {mem:.0f} GiB RAM; " + ", ".join(versions)
-
-
-def run_child(kind: str, path: Path, config: Path) -> dict | None:
-    out = subprocess.run([sys.executable, "-c", CHILD, kind, str(path), str(config)], capture_output=True, text=True)
+def run_child(kind: str, path: Path, config: Path, dtype: str, cache: Path) -> dict | None:
+    """One load in a fresh process. ZeroConv remembers files it found finite under $ZEROCONV_CACHE_DIR: the
+    "first load" rows give each run a new, empty one, so their check runs every time."""
+    python = os.environ.get("COMFYUI_PYTHON", sys.executable) if kind == "comfyui" else sys.executable
+    env = dict(os.environ, ZEROCONV_CACHE_DIR=str(cache))
+    if kind == "zeroconv-first":
+        env["ZEROCONV_CACHE_DIR"] = tempfile.mkdtemp(dir=cache)
+        kind = "zeroconv"
+    out = subprocess.run([python, "-c", CHILD, kind, str(path), str(config), dtype], capture_output=True, text=True,
+                         env=env)
     if out.returncode != 0:
         logger.warning("%s failed: %s", kind, out.stderr.strip().splitlines()[-1] if out.stderr.strip() else "?")
         return None
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def loaders(native: Path, folder: Path) -> list[tuple[str, str, Path]]:
-    rows = [("ZeroConv load_controlnet, native file, fp16", "zeroconv-fp16", native),
-            ("ZeroConv load_controlnet, native fp16 file to fp32", "zeroconv-fp32", native),
-            ("ZeroConv load_controlnet, diffusers folder, fp16", "zeroconv-fp16", folder),
-            ("diffusers ControlNetModel.from_pretrained, same folder", "diffusers-pretrained", folder),
-            ("diffusers ControlNetModel.from_single_file, native file", "diffusers-single-file", native)]
-    if os.environ.get("COMFYUI_PATH"):
-        rows.append(("ComfyUI comfy.controlnet.load_controlnet, native file, fp16", "comfyui", native))
+def loaders(native: Path, folder: Path) -> list[tuple[str, str, Path, str]]:
+    """(label, child kind, path, dtype): every loader kept in fp16, then cast to fp32."""
+    rows = []
+    for dtype, how in (("float16", "fp16 kept"), ("float32", "fp16 cast to fp32")):
+        rows += [(f"ZeroConv load_controlnet, native file, {how}, first load (NaN/inf check runs)", "zeroconv-first",
+                  native, dtype),
+                 (f"ZeroConv load_controlnet, native file, {how}, file checked before", "zeroconv", native, dtype),
+                 (f"ZeroConv load_controlnet, diffusers folder, {how}", "zeroconv", folder, dtype),
+                 (f"diffusers ControlNetModel.from_pretrained, same folder, {how}", "diffusers-pretrained", folder,
+                  dtype),
+                 (f"diffusers ControlNetModel.from_single_file, native file, {how}", "diffusers-single-file", native,
+                  dtype)]
+        if os.environ.get("COMFYUI_PATH"):
+            rows.append((f"ComfyUI comfy.controlnet.load_controlnet, native file, {how}", "comfyui", native, dtype))
     return rows
 
 
-def comfyui_version() -> str:
-    path = Path(os.environ.get("COMFYUI_PATH", "")) / "comfyui_version.py"
-    return path.read_text().split('"')[1] if path.is_file() else "unknown version"
+def check_cost(native: Path, repeats: int) -> list[str]:
+    """ms of ZeroConv's NaN/inf check alone on the loaded weights (fp16 kept, fp32 cast): median (min-max)."""
+    import time
 
+    from zeroconv.controlnet_model.safetensors_io import open_weights, refuse_non_finite
 
-def comfyui_note() -> str:
-    return f"; ComfyUI {comfyui_version()}" if os.environ.get("COMFYUI_PATH") else "; ComfyUI not run (no COMFYUI_PATH)"
-
-
-def write_result(out: Path, stem: str, lines: list[str]) -> Path:
-    """bench/results/<stem>-<machine>.md, also printed."""
-    out.mkdir(parents=True, exist_ok=True)
-    result = out / f"{stem}-{platform.node() or 'machine'}.md"
-    result.write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
-    return result
+    weights, rows = open_weights(native), []
+    for dtype in (torch.float16, torch.float32):
+        tensors = {k: weights.load(k).to(dtype) for k in weights.keys()}
+        refuse_non_finite(tensors, native)  # pages in the mapped file, as the load does before it checks
+        times = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            refuse_non_finite(tensors, native)
+            times.append((time.perf_counter() - start) * 1000)
+        size = sum(t.numel() * t.element_size() for t in tensors.values()) / 1e6
+        rows.append(f"| NaN/inf check, {str(dtype).removeprefix('torch.')} weights ({size:.0f} MB) | "
+                    f"{statistics.median(times):.0f} | {min(times):.0f}-{max(times):.0f} |")
+        del tensors
+    return rows
 
 
 def main() -> int:
@@ -143,24 +139,41 @@ def main() -> int:
         folder = export_diffusers(model, Path(tmp) / "diffusers")
         size_mb = native.stat().st_size / 1e6
         del model
-        for label, kind, path in loaders(native, folder):
-            runs = [r for r in (run_child(kind, path, folder) for _ in range(args.repeats)) if r]
-            if not runs:
+        table = loaders(native, folder)
+        runs: dict[str, list[dict]] = {label: [] for label, *_ in table}
+        loads = [load_average()]
+        for _ in range(args.repeats):  # interleaved: a burst of load from elsewhere hits every loader alike
+            for label, kind, path, dtype in table:
+                result = run_child(kind, path, folder, dtype, Path(tmp))
+                if result:
+                    runs[label].append(result)
+        loads.append(load_average())
+        for label, *_ in table:
+            done = runs[label]
+            if not done:
                 rows.append(f"| {label} | failed | | | | |")
                 continue
-            med = {k: statistics.median(r[k] for r in runs) for k in ("seconds", "peak_rss_mib", "rss_before_mib")}
-            rows.append(f"| {label} | {med['seconds']:.2f} | {med['peak_rss_mib']:.0f} | "
-                        f"{med['peak_rss_mib'] - med['rss_before_mib']:.0f} | {'/'.join(runs[0]['dtypes'])} | "
-                        f"{runs[0]['params']:,} |")
+            secs = [r["seconds"] for r in done]
+            med = {k: statistics.median(r[k] for r in done) for k in ("peak_rss_mib", "rss_before_mib")}
+            rows.append(f"| {label} | {statistics.median(secs):.2f} | {min(secs):.2f}-{max(secs):.2f} | "
+                        f"{med['peak_rss_mib']:.0f} | {med['peak_rss_mib'] - med['rss_before_mib']:.0f} | "
+                        f"{'/'.join(done[0]['dtypes'])} | {done[0]['params']:,} |")
             logger.info(rows[-1])
+        checks = check_cost(native, max(args.repeats, 5))
     lines = ["# ControlNet load benchmark (SD1.5, random weights, fp16 safetensors)", "",
              f"Machine: {machine()}{comfyui_note()}.",
-             f"Median of {args.repeats} fresh processes per loader; the {size_mb:.0f} MB file is in the page cache "
-             "(written just before). Time = load + reading every weight once. Peak RSS is the process high-water "
-             "mark (interpreter and imports included); 'peak growth' is that minus the RSS just before loading.", "",
-             "| loader | seconds | peak RSS (MiB) | peak growth (MiB) | dtype | parameters |",
-             "| --- | --- | --- | --- | --- | --- |", *rows]
-    write_result(args.out, "load", lines)
+             f"Median and range of {args.repeats} fresh processes per loader, loaders interleaved; the "
+             f"{size_mb:.0f} MB file is in the page cache (written just before). Time = load + reading every weight "
+             "once. Peak RSS is the process high-water mark (interpreter and imports included); 'peak growth' is "
+             "that minus the RSS just before loading. Load averages (1/5/15 min) before and after: "
+             f"{loads[0]} and {loads[1]}.", "",
+             "| loader | seconds (median) | range | peak RSS (MiB) | peak growth (MiB) | dtype | parameters |",
+             "| --- | --- | --- | --- | --- | --- | --- |", *rows, "",
+             "ZeroConv checks a file for NaN/inf weights on its first load in a dtype and remembers it by (path, size, "
+             "mtime, dtype): 'first load' rows run with an empty record, the others after the first repetition "
+             "recorded the file. The check alone, in-process on the loaded weights:",
+             "", "| check | ms (median) | range |", "| --- | --- | --- |", *checks]
+    write_table(args.out, "load", lines)
     return 0
 
 

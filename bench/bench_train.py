@@ -90,6 +90,33 @@ def controlnet_case(cfg: ControlNetConfig, device: torch.device, dtype: torch.dt
     return ControlledUNet(controlnet, unet), list(controlnet.parameters())
 
 
+def diffusers_controlnet_case(cfg: ControlNetConfig, device: torch.device, dtype: torch.dtype, checkpointing: bool):
+    """diffusers' ControlNet training step (examples/controlnet/train_controlnet.py): UNet2DConditionModel locked in
+    dtype, ControlNetModel.from_unet trainable in fp32, residuals passed to the U-Net. SD1.5 shapes only."""
+    from diffusers import ControlNetModel, UNet2DConditionModel
+
+    attention = [bool(depth) for depth in cfg.transformer_depth]
+    unet = UNet2DConditionModel(sample_size=64, in_channels=cfg.in_channels, out_channels=cfg.out_channels,
+                                block_out_channels=tuple(cfg.model_channels * m for m in cfg.channel_mult),
+                                down_block_types=tuple("CrossAttnDownBlock2D" if a else "DownBlock2D"
+                                                       for a in attention),
+                                up_block_types=tuple("CrossAttnUpBlock2D" if a else "UpBlock2D"
+                                                     for a in reversed(attention)),
+                                layers_per_block=cfg.num_res_blocks, cross_attention_dim=cfg.context_dim,
+                                attention_head_dim=cfg.num_heads)
+    controlnet = ControlNetModel.from_unet(unet).float().to(device).train()
+    if checkpointing:
+        controlnet.enable_gradient_checkpointing()
+    unet = unet.to(device, dtype).requires_grad_(False).eval()
+
+    def forward(noisy: torch.Tensor, t: torch.Tensor, hint: torch.Tensor, context: torch.Tensor, _y) -> torch.Tensor:
+        down, mid = controlnet(noisy, t, encoder_hidden_states=context, controlnet_cond=hint, return_dict=False)
+        return unet(noisy, t, encoder_hidden_states=context, down_block_additional_residuals=down,
+                    mid_block_additional_residual=mid, return_dict=False)[0]
+
+    return forward, list(controlnet.parameters())
+
+
 def full_finetune_case(cfg: ControlNetConfig, device: torch.device, dtype: torch.dtype, checkpointing: bool):
     """The whole U-Net trainable in fp32 (what the ControlNet step is compared with)."""
     unet = UNetModel(cfg).float().to(device).train()
@@ -107,7 +134,7 @@ def run_case(name: str, build, cfg: ControlNetConfig, args: argparse.Namespace, 
         torch.cuda.reset_peak_memory_stats()
     model, params = build(cfg, device, DTYPES[args.precision], args.gradient_checkpointing)
     step = make_step(model, params, cfg, args.batch, args.size, device, DTYPES[args.precision],
-                     with_hint=name == "ControlNet")
+                     with_hint="ControlNet" in name)
     seconds, peak = measure(step, device, args.warmup, args.iters)
     trainable = sum(p.numel() for p in params)
     del model, params, step
@@ -118,7 +145,7 @@ def run_case(name: str, build, cfg: ControlNetConfig, args: argparse.Namespace, 
 def write_results(rows: list[dict], args: argparse.Namespace, device: torch.device) -> Path:
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu"
     machine = args.machine or name.lower().replace("nvidia", "").strip().replace(" ", "-")
-    path = RESULTS / f"train-{machine}.md"
+    path = (args.out or RESULTS) / f"train-{machine}.md"
     lines = [f"# Training step, SD1.5 shapes {args.size}x{args.size}, batch {args.batch} ({name})", "",
              f"torch {torch.__version__}, precision {args.precision} autocast, gradient checkpointing "
              f"{'on' if args.gradient_checkpointing else 'off'}, {args.iters} timed steps after {args.warmup} warm-up; "
@@ -126,9 +153,14 @@ def write_results(rows: list[dict], args: argparse.Namespace, device: torch.devi
              "| step | ms/step | samples/s | peak GiB | trainable params (M) |", "|---|---|---|---|---|"]
     lines += [f"| {r['case']} | {r['ms']:.1f} | {r['samples_s']:.1f} | {r['peak_gib']:.2f} | {r['trainable_m']:.1f} |"
               for r in rows]
+    ours = next((r for r in rows if r["case"] == "ControlNet"), None)
+    theirs = next((r for r in rows if r["case"] == "diffusers ControlNet"), None)
+    if ours and theirs:
+        lines += ["", f"ZeroConv / diffusers: {ours['samples_s'] / theirs['samples_s']:.2f}x samples/s at "
+                  f"{ours['peak_gib'] / theirs['peak_gib']:.2f}x peak memory (target >= 1.3x at <= 1.0x)."]
     lines += ["", "Reference from the issue (H100, diffusers' models): ControlNet 168 ms (47.6 samples/s), 15.7 GiB; "
               "full fine-tune 168 ms, 20.8 GiB.", f"Command: `python {' '.join(sys.argv)}`", ""]
-    RESULTS.mkdir(parents=True, exist_ok=True)
+    path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("\n".join(lines))
     return path
 
@@ -142,6 +174,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--iters", type=int, default=10)
     parser.add_argument("--machine", default="", help="name in the results file (default: the GPU name)")
+    parser.add_argument("--out", type=Path, default=None, help=f"results folder (default {RESULTS})")
+    parser.add_argument("--no-diffusers", action="store_true", help="leave out diffusers' ControlNet step")
     parser.add_argument("--smoke", action="store_true", help="tiny preset on CPU, 2 steps, writes nothing")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
@@ -155,8 +189,10 @@ def main(argv: list[str] | None = None) -> int:
     else:
         cfg, device = preset("sd15"), torch.device("cuda")
     torch.manual_seed(0)
-    rows = [run_case("ControlNet", controlnet_case, cfg, args, device),
-            run_case("full U-Net fine-tune", full_finetune_case, cfg, args, device)]
+    rows = [run_case("ControlNet", controlnet_case, cfg, args, device)]
+    if not args.no_diffusers:
+        rows.append(run_case("diffusers ControlNet", diffusers_controlnet_case, cfg, args, device))
+    rows.append(run_case("full U-Net fine-tune", full_finetune_case, cfg, args, device))
     for r in rows:
         logger.info("%-22s %8.1f ms/step %7.1f samples/s  peak %.2f GiB  trainable %.1f M", r["case"], r["ms"],
                     r["samples_s"], r["peak_gib"], r["trainable_m"])

@@ -44,7 +44,9 @@ class _Graph:
             if value is not None:
                 self.inputs[key].copy_(value)
         self.graph.replay()
-        return self.output
+        # The graph's outputs are overwritten by the next replay (the other half of a split CFG batch, the next
+        # unit of a composition sharing this network): hand out copies, a few MB per call.
+        return ControlNetOutput(tuple(t.clone() for t in self.output.down), self.output.mid.clone())
 
 
 class AcceleratedControlNet(nn.Module):

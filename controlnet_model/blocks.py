@@ -184,7 +184,10 @@ class SpatialTransformer(nn.Module):
             x = block(x, context)
         if self.use_linear:
             x = self.proj_out(x)
-        x = x.transpose(1, 2).reshape(b, -1, h, w)
+        # Back to (B, C, H, W) in the standard layout: the bare reshape is a channels-last view, and every
+        # convolution after the block would reorder it (ComfyUI's comfy/ldm/modules/attention.py
+        # SpatialTransformer.forward ends with .contiguous() for the same reason).
+        x = x.transpose(1, 2).reshape(b, -1, h, w).contiguous()
         if not self.use_linear:
             x = self.proj_out(x)
         return x + x_in

@@ -35,7 +35,7 @@ from .metadata import FORMAT_VERSION, PREFIX, ControlNetMetadata, content_hash, 
 from .network import ControlNet
 from .t2i_adapter import AdapterConfig, AdapterKind, T2IAdapter
 from .union import UnionConfig, UnionControlNet, is_union_config
-from .safetensors_io import WeightFile, constant, open_weights, read_state_dict
+from .safetensors_io import WeightFile, check_finite, constant, open_weights, read_state_dict
 
 if TYPE_CHECKING:
     from .dit_checkpoint import LoadedDiTControlNet
@@ -282,7 +282,7 @@ def load_controlnet(path: str | Path, *, base_unet: nn.Module | Mapping[str, tor
     config = _resolve_config(weights, plan, base, base_unet, sidecar, path)
     if base is not None:
         plan = _fill_from_base(plan, config, base)
-    model = _build(config, plan, weights.path, dtype or _file_dtype(weights), torch.device(device))
+    model = _build(config, plan, weights.path, dtype or _file_dtype(weights), torch.device(device), base is None)
     if isinstance(model, UnionControlNet):
         model.source = path.name
     logger.info("loaded %s (%s, %s)", path.name, fmt.value, config.family)
@@ -612,10 +612,13 @@ def check_names_and_shapes(shapes: Mapping[str, torch.Tensor], expected: Mapping
         raise ValueError(f"{what}: {len(wrong)} tensors have the wrong shape for {architecture}, e.g. {wrong[:5]}")
 
 
-def _build(config: ControlNetConfig, plan: Plan, file: Path, dtype: torch.dtype, device: torch.device) -> ControlNet:
-    """Check every key and shape, then read the tensors one at a time into `dtype` on `device` (strict)."""
+def _build(config: ControlNetConfig, plan: Plan, file: Path, dtype: torch.dtype, device: torch.device,
+           self_contained: bool = True) -> ControlNet:
+    """Check every key and shape, then read the tensors one at a time into `dtype` on `device` (strict); refuse
+    NaN/inf weights (a file without a base model is checked once per dtype, then remembered)."""
     expected = check_fits({k: s.meta for k, s in plan.items()}, config, str(file))
     tensors = {key: plan[key].load().to(device=device, dtype=dtype) for key in expected}  # one at a time
+    check_finite(tensors, file, dtype, self_contained)  # after the cast, on the device: fp32 -> fp16 overflow too
     with torch.device("meta"):
         model = network_class(config)(config)
     model.load_state_dict(tensors, strict=True, assign=True)

@@ -58,7 +58,7 @@ def image_to_hint(image: torch.Tensor, channels: int = 3) -> torch.Tensor:
         raise ValueError(f"this ControlNet wants {channels}-channel hints; only 1 or 3 come from images")
     if not torch.isfinite(hint).all():
         raise ValueError("the control image contains NaN or infinite values; check the node that made it")
-    return hint.clamp(0.0, 1.0)
+    return hint.clamp(0.0, 1.0).contiguous()  # the movedim view is channels-last; the hint encoder's convs want NCHW
 
 
 LATENT_SCALE = 8  # image pixels per latent cell for SD VAEs (ComfyUI's ControlBase.compression_ratio)

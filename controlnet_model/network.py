@@ -87,7 +87,8 @@ class ControlNet(nn.Module):
         """(B, hint_channels, 8h, 8w) in [0, 1] -> (B, model_channels, h, w); independent of t, so cacheable."""
         if hint.ndim != 4 or hint.shape[1] != self.config.hint_channels:
             raise ValueError(f"hint must be (B, {self.config.hint_channels}, H, W), got {tuple(hint.shape)}")
-        return self.input_hint_block(hint.to(self.dtype), None, None)
+        # NCHW whatever the caller's layout (a host IMAGE moved to channels-first is a channels-last view)
+        return self.input_hint_block(hint.to(dtype=self.dtype, memory_format=torch.contiguous_format), None, None)
 
     def forward(self, x: torch.Tensor, hint: torch.Tensor | None, timesteps: torch.Tensor, context: torch.Tensor,
                 y: torch.Tensor | None = None, guided_hint: torch.Tensor | None = None) -> ControlNetOutput:

@@ -12,7 +12,7 @@ import json
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Mapping
 
 import torch
 
@@ -106,9 +106,28 @@ def _open_safetensors(file: Path) -> WeightFile:
             shapes[key] = torch.empty(piece.get_shape(), dtype=dtype, device="meta")
         metadata = dict(handle.metadata() or {})
     except (SafetensorError, OSError) as exc:
-        raise ValueError(f"{file} is not a valid safetensors file ({exc}); {REFETCH}") from None
+        raise ValueError(not_weights(file) or f"{file} is damaged: it is not a valid safetensors file ({exc}); "
+                         f"{REFETCH}") from None
     readers = {key: functools.partial(handle.get_tensor, key) for key in shapes}
     return WeightFile(file, metadata, shapes, readers)
+
+
+def not_weights(file: Path) -> str | None:
+    """The error for a file that holds text, not weights (a Git LFS pointer, an HTML error page), else None."""
+    with open(file, "rb") as f:
+        head = f.read(512)
+    try:
+        text = head.decode("utf-8")
+    except UnicodeDecodeError:
+        return None
+    if not text or not all(c.isprintable() or c in "\t\r\n" for c in text):
+        return None
+    first = text.strip().splitlines()[0][:60] if text.strip() else ""
+    if text.startswith("version https://git-lfs"):
+        return (f"{file} is a Git LFS pointer (a small text file), not the weights: fetch the real file "
+                "(`git lfs pull` in its repository, or download it again from the model page)")
+    return (f"{file} is not a weight file but text (it starts with {first!r}): the download is corrupt (an error "
+            "page or the wrong file saved under this name); download the weights again")
 
 
 def _open_pickle(file: Path) -> WeightFile:
@@ -139,6 +158,9 @@ def _identity(tensor: torch.Tensor) -> torch.Tensor:
 
 def _torch_load(file: Path) -> Any:
     """torch.load(weights_only=True), memory-mapped for zip-format files; clear errors for refused/bad pickles."""
+    text = not_weights(file)
+    if text:
+        raise ValueError(text)
     try:
         try:
             return torch.load(file, map_location="cpu", weights_only=True, mmap=True)
@@ -153,8 +175,8 @@ def _torch_load(file: Path) -> Any:
                              "weights), and that code is never run. If you trust its source, convert it to "
                              ".safetensors with the tool that made it") from None
         detail = next((line.strip() for line in text.splitlines() if "Unsupported" in line), text.split("\n")[0])
-        raise ValueError(f"{file} is not a readable checkpoint ({type(exc).__name__}: {detail[:200]}); "
-                         f"{REFETCH}") from None
+        raise ValueError(f"{file} is damaged: it is not a readable checkpoint ({type(exc).__name__}: "
+                         f"{detail[:200]}); {REFETCH}") from None
 
 
 def _wants_code(file: Path) -> bool:
@@ -163,6 +185,9 @@ def _wants_code(file: Path) -> bool:
 
     try:
         with open(file, "rb") as f:
+            if f.read(1) != b"\x80":  # torch.save writes protocol 2+, which opens with PROTO: garbage is no pickle
+                return False
+            f.seek(0)
             return any(op.name in CODE_OPCODES for op, _, _ in pickletools.genops(f))
     except Exception:  # not a pickle that parses: garbage, or a zip archive, so nothing that wants code
         return False
@@ -184,6 +209,83 @@ def _open_shards(index: Path) -> WeightFile:
     for shard in shards.values():
         metadata.update(shard.metadata)
     return WeightFile(index, metadata, shapes, readers)
+
+
+def check_finite(tensors: Mapping[str, torch.Tensor], file: Path, dtype: torch.dtype, cacheable: bool) -> None:
+    """refuse_non_finite, skipped for a file already found finite in this dtype: once per file, not per load.
+
+    Files are remembered by (real path, size, mtime_ns, dtype) in this process and in
+    $ZEROCONV_CACHE_DIR/finite-weights.json (default ~/.cache/zeroconv), so a ComfyUI restart does not check the
+    same unchanged file again. Not cacheable: weights combined with a base model (diff, Control-LoRA), whose
+    result also depends on that model, and shard indexes (their shards change without the index).
+    """
+    key = _finite_key(file, dtype) if cacheable and file.is_file() and not file.name.endswith(".index.json") else None
+    if key is not None and key in _known_finite():
+        return
+    refuse_non_finite(tensors, file)
+    if key is not None:
+        _remember_finite(key)
+
+
+FINITE_CACHE_ENTRIES = 512  # newest kept; a line each
+_FINITE: set[str] = set()
+
+
+def _finite_key(file: Path, dtype: torch.dtype) -> str:
+    stat = file.stat()
+    return f"{file.resolve()}|{stat.st_size}|{stat.st_mtime_ns}|{str(dtype).removeprefix('torch.')}"
+
+
+def _finite_cache() -> Path:
+    import os
+
+    folder = os.environ.get("ZEROCONV_CACHE_DIR") or Path.home() / ".cache" / "zeroconv"
+    return Path(folder) / "finite-weights.json"
+
+
+def _known_finite() -> set[str]:
+    if not _FINITE:
+        try:
+            _FINITE.update(json.loads(_finite_cache().read_text()))
+        except (OSError, ValueError, TypeError):  # none yet, unreadable or damaged: check again, that is all
+            pass
+    return _FINITE
+
+
+def _remember_finite(key: str) -> None:
+    from .atomic import atomic_write_text
+
+    known = [k for k in _known_finite() if k != key][-(FINITE_CACHE_ENTRIES - 1):] + [key]
+    _FINITE.add(key)
+    try:
+        path = _finite_cache()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(path, json.dumps(known, indent=0))
+    except OSError as exc:  # a read-only home: the check simply runs on every load
+        logger.debug("could not record %s as checked: %s", key, exc)
+
+
+def refuse_non_finite(tensors: Mapping[str, torch.Tensor], file: Path | str) -> None:
+    """ValueError naming the file and its first tensor holding NaN or inf (such weights sample black images).
+
+    Cheap enough to run on every load (issue 16 measures it; bench/bench_load.py): one plain `sum` per floating
+    tensor, on the device and in the dtype the weights are loaded to, and one host sync for the whole file. A sum
+    is finite unless some element is NaN/inf or the sum overflows; only then are that file's tensors checked
+    element by element, so a large but finite fp16 tensor is never refused.
+    """
+    floats = [(key, t) for key, t in tensors.items() if t.is_floating_point() and t.numel()]
+    if not floats:
+        return
+    sums = torch.stack([t.sum().float().reshape(()).to(floats[0][1].device) for _, t in floats])
+    if bool(torch.isfinite(sums).all()):
+        return
+    for key, t in floats:
+        if not bool(torch.isfinite(t).all()):
+            bad = int((~torch.isfinite(t)).sum())
+            raise ValueError(f"{file} holds NaN or infinite weights (tensor {key}: {bad} of {t.numel()} values; "
+                             f"checked in {str(t.dtype).removeprefix('torch.')}): such a ControlNet makes black "
+                             "images. The file is damaged or comes from a training run that diverged; download it "
+                             "again or use an earlier checkpoint")
 
 
 def read_state_dict(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:

@@ -71,3 +71,11 @@ def tiny_training_files(root, seed: int = 0, count: int = 6, size: int = 32) -> 
 
     return {"base": write_tiny_sd_checkpoint(root / "base.safetensors", "SD1.x", seed=seed),
             "data": write_tiny_fill50k(root / "fill", count=count, size=size, seed=seed)}
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _private_cache_dir(tmp_path_factory) -> None:
+    """Loads remember checked files under $ZEROCONV_CACHE_DIR: the tests' own, not the user's ~/.cache."""
+    import os
+
+    os.environ["ZEROCONV_CACHE_DIR"] = str(tmp_path_factory.mktemp("zeroconv-cache"))

@@ -109,3 +109,25 @@ def test_config_validation_names_the_field() -> None:
         preset("sd99")
     cfg = preset("sdxl")
     assert ControlNetConfig.from_json(cfg.to_json()) == cfg
+
+
+@pytest.mark.parametrize("use_linear", [False, True])
+def test_spatial_transformer_returns_a_contiguous_tensor(use_linear: bool) -> None:
+    # A channels-last view here makes every following convolution reorder its input (issue 16); the speed
+    # itself is guarded by bench/bench_comfyui_step.py, not by a timed test.
+    from zeroconv.controlnet_model.blocks import SpatialTransformer
+
+    block = SpatialTransformer(32, heads=2, dim_head=16, depth=1, context_dim=24, use_linear=use_linear).eval()
+    torch.nn.init.normal_(block.proj_out.weight)
+    with torch.no_grad():
+        out = block(torch.randn(2, 32, 4, 6), torch.randn(2, 5, 24))
+    assert out.shape == (2, 32, 4, 6) and out.is_contiguous()
+
+
+def test_hint_from_a_host_image_is_encoded_in_the_standard_layout(tiny_controlnet: ControlNet) -> None:
+    from zeroconv.controlnet_model.hint import image_to_hint
+
+    hint = image_to_hint(torch.rand(2, 64, 64, 3))
+    assert hint.is_contiguous()
+    with torch.no_grad():
+        assert tiny_controlnet.encode_hint(hint.permute(0, 2, 3, 1).contiguous().permute(0, 3, 1, 2)).is_contiguous()

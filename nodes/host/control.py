@@ -152,7 +152,7 @@ class ZeroConvControl:
                                  for p in self.parts))
         for part in new.parts:
             if part.controlnet is not None:
-                check_apply(part.controlnet, part.vae, part.union_type, part.name)
+                check_apply(part.controlnet, part.vae, part.union_type, part.name, part.settings.mode)
         new.cond_hint_original, new.strength = image, settings.strength
         new.timestep_percent_range = (settings.start_percent, settings.end_percent)
         return new

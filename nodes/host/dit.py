@@ -14,6 +14,7 @@ from typing import Any, Callable
 import torch
 
 from ...controlnet_model.config import ControlNetConfig, check_compatible, check_family
+from ...controlnet_model.residuals import ControlMode
 from ...controlnet_model.dit_control import dit_format_of, needs_vae, spec_of, union_mode_of
 from . import comfy_available
 
@@ -50,12 +51,15 @@ def check_part(controlnet: Any, host_family: str | None, unet_config: ControlNet
         check_compatible(controlnet.config, unet_config, f"ControlNet {name}", model_name)
 
 
-def check_apply(controlnet: Any, vae: Any, union_type: str, name: str) -> None:
+def check_apply(controlnet: Any, vae: Any, union_type: str, name: str, mode: ControlMode = ControlMode.BALANCED) -> None:
     """What an apply node can refuse at once for a transformer ControlNet: a latent format without a VAE, a union
-    mode the file does not have."""
+    mode the file does not have, a control mode other than balanced (those scale U-Net residuals)."""
     fmt = dit_format_of(controlnet)
     if fmt is None:
         return
+    if ControlMode(mode) is not ControlMode.BALANCED:
+        raise ValueError(f"control_mode: {ControlMode(mode).value!r} applies to U-Net ControlNets; use 'balanced' "
+                         f"with {name} ({fmt})")
     union_mode_of(controlnet, union_type, name)
     if vae is None and needs_vae(fmt):
         raise ValueError(f"vae: {name} ({fmt}) encodes its control image with the base model's VAE; connect the "

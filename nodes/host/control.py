@@ -32,7 +32,8 @@ from ...controlnet_model.residuals import (MODE_RULES, ControlMode, ControlSetti
                                            as_host_dict, as_residuals, broadcast_batch, cond_rows, control_kind,
                                            merge_controls, progress_at, scale_output)
 from . import comfy_available
-from .dit import borrow_host_weights, check_apply, check_part, transformer_family, vae_encoder
+from .dit import (FAMILY_DTYPES, borrow_host_weights, check_apply, check_part, file_family, transformer_family,
+                  vae_encoder)
 from .models import controlnet_patcher, executing_model_names, host_dtype, host_load_controlnet
 
 logger = logging.getLogger(__name__)
@@ -347,8 +348,9 @@ def sampled_unet_config(model: Any) -> ControlNetConfig | None:
         if not isinstance(unet_config, dict):
             return None
         if "model_channels" not in unet_config or "channel_mult" not in unet_config:
-            raise ValueError(f"the sampled model ({type(model_config).__name__}) is not an SD1.x, SD2.x or SDXL U-Net; "
-                             "ZeroConv ControlNets steer only those: use a ControlNet made for this model")
+            raise ValueError(f"the sampled model ({type(model_config).__name__}) is not an SD1.x, SD2.x or SDXL U-Net "
+                             "nor a Flux.1 or SD3 transformer; ZeroConv ControlNets steer only those: use a ControlNet "
+                             "made for this model")
         config = _config_from_comfy(unet_config)
     channels = getattr(getattr(model, "latent_format", None), "latent_channels", None)
     return config.replace(in_channels=channels) if isinstance(channels, int) else config
@@ -398,7 +400,8 @@ def load_control(path: Path, model: Any = None) -> tuple[ZeroConvControl, Any]:
 
     model: the MODEL that diff and Control-LoRA files are relative to (a patcher with .model.diffusion_model).
     """
-    dtype = host_dtype()
+    family = file_family(path)
+    dtype = host_dtype(FAMILY_DTYPES[family]) if family else host_dtype()
     try:
         if model is None:
             loaded = load_controlnet_cached(path, dtype=dtype)

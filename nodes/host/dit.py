@@ -9,6 +9,7 @@ single blocks; comfy/ldm/modules/diffusionmodules/mmdit.py: "output" after joint
 """
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any, Callable
 
 import torch
@@ -21,6 +22,25 @@ from . import comfy_available
 # comfy.model_base class names (any base class counts) and unet_config markers, to a library family
 HOST_CLASSES = {"Flux": "flux", "SD3": "sd3"}
 HOST_MARKERS = (("image_model", "flux", "flux"), ("pos_embed_scaling_factor", None, "sd3"))
+
+
+# dtypes a family's ControlNets run in, in ComfyUI's order of preference (comfy/supported_models.py Flux, SD3)
+FAMILY_DTYPES = {"flux": (torch.bfloat16, torch.float16, torch.float32),
+                 "sd3": (torch.float16, torch.bfloat16, torch.float32)}
+
+
+def file_family(path: Path) -> str | None:
+    """"flux" or "sd3" for a transformer ControlNet file (by its marker keys; no tensor is read), else None."""
+    from ...controlnet_model.checkpoint import detect_format
+    from ...controlnet_model.dit_control import DIT_FORMATS
+    from ...controlnet_model.safetensors_io import open_weights
+
+    try:
+        fmt = detect_format(open_weights(path).keys())
+    except (ValueError, KeyError, OSError):
+        return None
+    fmt = getattr(fmt, "value", fmt)
+    return DIT_FORMATS[fmt].family if fmt in DIT_FORMATS else None
 
 
 def transformer_family(model: Any) -> str | None:

@@ -22,7 +22,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from .comfyui_host import REQUIRES_COMFYUI, run_in_comfyui
+from .comfyui_host import RANDOMIZE, REQUIRES_COMFYUI, run_in_comfyui
 from .conftest import randomize
 
 pytestmark = REQUIRES_COMFYUI
@@ -36,14 +36,6 @@ SCRIPT = textwrap.dedent("""
     from safetensors.torch import save_file
     N = pack.NODE_CLASS_MAPPINGS
     ops = comfy.ops.disable_weight_init
-
-    def randomize(module, std, seed):
-        gen = torch.Generator().manual_seed(seed)
-        with torch.no_grad():
-            for p in module.parameters():
-                p.copy_(torch.randn(p.shape, generator=gen) * std)
-        return module
-
     folder = Path(FOLDER)
     folder_paths.add_model_folder_path("controlnet", str(folder))
     if FORMAT == "xlabs":  # ComfyUI's own module gives the XLabs key layout
@@ -79,6 +71,10 @@ SCRIPT = textwrap.dedent("""
     conf.set_inference_dtype(torch.float32, None)
     base = conf.get_model({})
     randomize(base.diffusion_model, 0.02, 0)
+    with torch.no_grad():  # buffers are left uninitialised too (MMDiT's pos_embed): draw them as well
+        for buffer in base.diffusion_model.buffers():
+            if buffer.is_floating_point():
+                buffer.copy_(torch.randn(buffer.shape, generator=torch.Generator().manual_seed(7)) * 0.02)
     model = ModelPatcher(base, load_device=mm.get_torch_device(), offload_device=mm.unet_offload_device())
 
     gen = torch.Generator().manual_seed(1)
@@ -156,7 +152,7 @@ def _diffusers_file(fmt: str, folder) -> None:
 def test_our_nodes_give_cores_residuals_and_latents(tmp_path, fmt) -> None:
     if fmt in ("union", "sd3"):
         _diffusers_file(fmt, tmp_path)
-    report = run_in_comfyui(f"FOLDER = {str(tmp_path)!r}\nFORMAT = {fmt!r}\n" + SCRIPT, timeout=900)
+    report = run_in_comfyui(f"FOLDER = {str(tmp_path)!r}\nFORMAT = {fmt!r}\n" + RANDOMIZE + SCRIPT, timeout=900)
     print(fmt, json.dumps(report))
     for key, (mine, core) in report["lengths"].items():
         assert mine == core, (key, mine, core)

@@ -326,8 +326,12 @@ def _select_chunks(x: torch.Tensor, t: torch.Tensor, cond: dict, options: dict, 
 
 
 def _accelerated(part: ControlPart) -> ControlNet | AcceleratedControlNet:
-    if part.acceleration is Acceleration.NONE or not isinstance(part.controlnet, ControlNet):
-        return part.controlnet  # transformer ControlNets run eager
+    if part.acceleration is Acceleration.NONE:
+        return part.controlnet
+    if not isinstance(part.controlnet, ControlNet):
+        logger.info("%s: accelerate %s applies to U-Net ControlNets; this one runs eager", part.name,
+                    part.acceleration.value)
+        return part.controlnet
     if part.acceleration not in part.shared.accelerated:
         part.shared.accelerated[part.acceleration] = accelerate(part.controlnet, part.acceleration)
     return part.shared.accelerated[part.acceleration]

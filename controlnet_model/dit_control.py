@@ -8,8 +8,8 @@ per format, what ComfyUI comfy/ldm/flux/controlnet.py, comfy/cldm/mmdit.py and c
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
-from typing import Callable, Sequence
+from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 import torch
 from torch import nn
@@ -17,6 +17,9 @@ from torch import nn
 from .config import FAMILY_NAMES
 from .flux_controlnet import DiTBlockOutputs
 from .residuals import ControlMode, ControlSettings, mask_to_tokens, scale_tokens
+
+if TYPE_CHECKING:
+    from .hint import HintFit
 
 Residuals = tuple[torch.Tensor | None, ...]
 
@@ -259,3 +262,100 @@ def compute_dit_residuals(units: Sequence[DiTControlUnit], x: torch.Tensor, time
         if out is not None:
             total = out if total is None else total + out
     return total
+
+
+# ---- under a host sampler (the ControlKind entries of these model classes) ---------------------------------
+def dit_format_of(controlnet: nn.Module) -> str | None:
+    """The DIT_FORMATS key of a loaded transformer ControlNet module (None for any other module)."""
+    from .flux_controlnet import FluxControlNet, HintInput
+    from .sd3_controlnet import SD35ControlNet, SD3ControlNet
+
+    if isinstance(controlnet, FluxControlNet):
+        return {HintInput.PIXELS: "flux_xlabs", HintInput.PIXELS_MISTOLINE: "flux_mistoline"}.get(
+            controlnet.config.hint, "flux_instantx")
+    if isinstance(controlnet, SD35ControlNet):
+        return "sd35"
+    if isinstance(controlnet, SD3ControlNet):
+        return "sd3_diffusers"
+    return None
+
+
+def union_mode_of(controlnet: nn.Module, union_type: str | int | None, file: str = "the ControlNet") -> int | None:
+    """A union_type input checked against a transformer ControlNet: a Flux union file's mode index (Flux's own
+    names, FLUX_UNION_MODES), None for "auto"; any other value on a file without modes -> a clear error."""
+    fmt = dit_format_of(controlnet)
+    if fmt is None:
+        raise ValueError(f"{file} is not a Flux or SD3 ControlNet")
+    if spec_of(fmt).family == "flux":
+        try:
+            return flux_union_mode(union_type, controlnet.config.num_union_modes, file)
+        except ValueError as exc:
+            names = ", ".join(("auto",) + FLUX_UNION_MODES[:controlnet.config.num_union_modes])
+            raise ValueError(f"union_type: {exc}; valid for this file: {names}") from None
+    if union_type not in (None, "auto"):
+        raise ValueError(f"union_type: {file} is an {FAMILY_NAMES['sd3']} ControlNet with no union modes; "
+                         f"leave union_type at 'auto' instead of {union_type!r}")
+    return None
+
+
+def prepare_dit(controlnet: nn.Module, image: torch.Tensor, settings: ControlSettings, fit: "HintFit",
+                latent: torch.Tensor, batched_number: int, name: str,
+                vae_encode: Callable[[torch.Tensor], torch.Tensor] | None = None,
+                union_type: str | int | None = "auto") -> DiTControlUnit:
+    """A transformer ControlNet's unit for one latent shape (ComfyUI ControlNet.get_control's hint path): the image
+    fitted to 8x the latent; for latent formats prepared by the file's control type (SD3.5), encoded once with the
+    base's VAE (`vae_encode`: pixels (B, 3, H, W) in [0, 1] -> raw latent), scaled as the format expects and, for
+    17-channel (inpaint) files, given an all-ones keep mask; then broadcast to the batch, as is the mask."""
+    from .hint import fit_to_latent
+    from .residuals import broadcast_batch
+    from .sd3_controlnet import SD35_CONTROL_TYPES
+
+    fmt, cfg = dit_format_of(controlnet), controlnet.config
+    device = next(controlnet.parameters()).device
+    mode = union_mode_of(controlnet, union_type, name)
+    hint = fit_to_latent(image.float(), latent.shape[-2], latent.shape[-1], fit)
+    if needs_vae(fmt):
+        if vae_encode is None:
+            raise ValueError(f"{name} ({fmt}) encodes its control image with the base model's VAE: connect the "
+                             "model's VAE to the vae input of the apply node (or of the ControlNet Unit)")
+        if fmt == "sd35":
+            hint = SD35_CONTROL_TYPES[cfg.control_type][1](hint)
+        channels = cfg.hint_channels // 4 if fmt.startswith("flux") else cfg.hint_channels
+        with torch.no_grad():
+            raw = vae_encode(hint).float()
+        hint = latent_hint(fmt, raw.to(latent.device), channels=channels)
+    hint = broadcast_batch(hint.to(device), latent.shape[0], batched_number, f"{name}'s control image")
+    if settings.mask is not None:
+        settings = replace(settings, mask=broadcast_batch(settings.mask.to(device), latent.shape[0], batched_number,
+                                                          f"{name}'s mask"))
+    return DiTControlUnit(controlnet, fmt, hint, mode, settings)
+
+
+def dit_residuals(unit: DiTControlUnit, step: Any) -> dict | None:
+    """A transformer ControlNet's residuals at one host model call (a residuals.HostStep), as the host's control
+    dict: "input" for double / joint blocks, "output" for single / joint blocks (see the table above)."""
+    device = unit.hint.device
+
+    def to(t: torch.Tensor | None) -> torch.Tensor | None:
+        return None if t is None else t.to(device)
+
+    with torch.no_grad():
+        out = run_dit_control(unit, to(step.x), to(step.timesteps), to(step.context), to(step.y), to(step.guidance),
+                              unit.settings.percent_in(step.progress))
+    if out is None:
+        return None
+    moved = out.map(lambda r: r.to(step.like.device))
+    return {"input": list(moved.input), "middle": [], "output": list(moved.output)}
+
+
+def _register_kinds() -> None:
+    from .flux_controlnet import FluxControlNet
+    from .residuals import CONTROL_KINDS, ControlKind
+    from .sd3_controlnet import SD35ControlNet, SD3ControlNet
+
+    kind = ControlKind(prepare_dit, dit_residuals, host_inputs=("vae_encode", "union_type"))
+    for cls in (FluxControlNet, SD3ControlNet, SD35ControlNet):
+        CONTROL_KINDS.setdefault(cls, kind)
+
+
+_register_kinds()

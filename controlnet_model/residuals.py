@@ -450,6 +450,7 @@ class HostStep:
     batched_number: int  # chunks in the batch (cond, uncond)
     rows: torch.Tensor | None  # (B,) True on conditional rows; None when every row is conditional
     like: torch.Tensor  # the host's noisy latent: device of the returned residuals
+    guidance: torch.Tensor | None = None  # (B,) distilled guidance of Flux dev (the cond's "guidance"), or None
 
 
 @dataclass(frozen=True)
@@ -457,8 +458,9 @@ class ControlKind:
     """How one family of control models runs under a host sampler: `prepare` once per latent shape of a run
     (fit, broadcast, encode the hint), `residuals` at every model call (a host control dict or None)."""
 
-    prepare: Callable[[Any, torch.Tensor, ControlSettings, HintFit, torch.Tensor, int, str], ControlUnit]
-    residuals: Callable[[ControlUnit, HostStep], dict | None]
+    prepare: Callable[..., Any]  # (model, image, settings, fit, latent, batched_number, name, **host_inputs)
+    residuals: Callable[[Any, HostStep], dict | None]
+    host_inputs: tuple[str, ...] = ()  # extra keyword inputs `prepare` takes from the host ("vae_encode", ...)
 
 
 def prepare_controlnet(controlnet: Any, image: torch.Tensor, settings: ControlSettings, fit: HintFit,

@@ -12,7 +12,8 @@ import torch
 
 from ..controlnet_model.schedule import StrengthSchedule
 from .host.control import as_control
-from .common import CATEGORY, check_inputs, control_widgets, host_image_to_hint, settings_from_inputs
+from .common import (CATEGORY, check_inputs, control_widgets, host_image_to_hint, settings_from_inputs,
+                     union_widget)
 
 
 def attach_control(positive: list, negative: list, control: Any) -> tuple[list, list]:
@@ -42,9 +43,11 @@ class ZeroConvApplyControlNet:
         image: the control image (B, H, W, C); grey and RGBA are accepted (alpha composites over black).
         strength, start_percent, end_percent: as core; strength 0 leaves the conditioning as it is.
         control_mode, fit, accelerate: see the tooltips.
-        vae: passed on to ControlNets that encode their hint with a VAE; SD1.x/SDXL ControlNets do not use it.
+        vae: the base's VAE, for ControlNets whose hint is a VAE latent (InstantX / Shakker Flux, SD3, SD3.5);
+            SD1.x/SDXL and XLabs / Mistoline Flux ControlNets do not use it.
         mask: where the control acts (1) or not (0); any size (resized per residual), one or one per latent.
         schedule: a ZeroConv strength schedule, multiplying strength over the steps.
+        union_type: a union ControlNet's control type by name ("auto": none; Flux union files take Flux's names).
     """
 
     DESCRIPTION = ("Adds a ControlNet to the conditioning. control_mode: balanced; prompt_more_important (soft "
@@ -64,19 +67,20 @@ class ZeroConvApplyControlNet:
                 "positive": ("CONDITIONING",), "negative": ("CONDITIONING",), "control_net": ("CONTROL_NET",),
                 "image": ("IMAGE",), **control_widgets(),
             },
-            "optional": {"vae": ("VAE",), "mask": ("MASK",), "schedule": ("ZEROCONV_SCHEDULE",)},
+            "optional": {"vae": ("VAE",), "mask": ("MASK",), "schedule": ("ZEROCONV_SCHEDULE",), **union_widget()},
         }
 
     def apply(self, positive: list, negative: list, control_net: Any, image: torch.Tensor, strength: float,
               start_percent: float, end_percent: float, control_mode: str = "balanced", fit: str = "crop_and_resize",
               accelerate: str = "none", vae: Any = None, mask: torch.Tensor | None = None,
-              schedule: StrengthSchedule | None = None) -> tuple:
+              schedule: StrengthSchedule | None = None, union_type: str = "auto") -> tuple:
         check_inputs(type(self), image=image, strength=strength, start_percent=start_percent,
                      end_percent=end_percent, mask=mask)
         if strength == 0.0:
             return (positive, negative)
         settings = settings_from_inputs(strength, start_percent, end_percent, control_mode, mask, schedule)
-        control = as_control(control_net).applied(host_image_to_hint(image), settings, fit, vae, accelerate)
+        control = as_control(control_net).applied(host_image_to_hint(image), settings, fit, vae, accelerate,
+                                                  union_type)
         return attach_control(positive, negative, control)
 
 

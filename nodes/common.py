@@ -43,6 +43,14 @@ def control_widgets() -> dict:
     }
 
 
+def union_widget() -> dict:
+    """The optional union_type input of the apply and unit nodes: a union ControlNet's mode by name, checked against
+    the file when applied (Flux union files: canny, tile, depth, blur, pose, gray, low quality)."""
+    return {"union_type": ("STRING", {"default": "auto", "tooltip": "a union ControlNet's control type; 'auto' "
+                                      "lets the model infer it. Flux union: canny, tile, depth, blur, pose, gray, "
+                                      "low quality"})}
+
+
 def check_inputs(node: type, **values: object) -> None:
     """Validate a node's numeric, image and mask inputs before any work, by its INPUT_TYPES declaration: numbers are
     finite and inside the declared min/max, images are (B, H, W, C) with H, W > 0 and 1, 3 or 4 channels, masks are

@@ -21,8 +21,10 @@ class ZeroConvLoadControlNet:
             in the file's metadata; the log says which file was used.
         model: the base model, needed for diff ControlNets and Control-LoRA files (they store weights relative to it).
 
-    Reads LDM v1.0 (whole-SD, prefixed, pruned fp16), v1.1, diffusers files and folders, our native files, and
-    diff / Control-LoRA files; inside ComfyUI, formats ZeroConv does not read go through ComfyUI's own loader.
+    Reads LDM v1.0 (whole-SD, prefixed, pruned fp16), v1.1, diffusers files and folders, our native files,
+    diff / Control-LoRA files, and the transformer ControlNets of Flux.1 (XLabs, Mistoline, InstantX / Shakker
+    Union) and SD3 / SD3.5 (diffusers-trained, Stability's); inside ComfyUI, formats ZeroConv does not read go
+    through ComfyUI's own loader.
     Weights are cached per file; ComfyUI's memory manager moves them to the GPU while sampling.
     """
 

@@ -38,6 +38,17 @@ def prelude() -> str:
     ])
 
 
+# Script text for bodies: `randomize(module, std, seed)` re-draws every parameter (zero layers too), in place.
+RANDOMIZE = """
+def randomize(module, std, seed):
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in module.parameters():
+            p.copy_(torch.randn(p.shape, generator=gen) * std)
+    return module
+"""
+
+
 def run_in_comfyui(body: str, timeout: int = 600) -> dict[str, Any]:
     """Run prelude() + `body` in ComfyUI's folder; the body prints one JSON object last, which is returned."""
     python = os.environ.get("COMFYUI_PYTHON", sys.executable)

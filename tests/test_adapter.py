@@ -192,7 +192,7 @@ def test_a_controlnet_of_another_family_is_refused_before_sampling(tiny_controln
     with pytest.raises(ValueError, match=r"canny_sd15\.safetensors is tiny SD1\.x-shaped.* is SDXL \(context 2048"):
         control.pre_run(comfy_sdxl, DiscreteEps().percent_to_sigma)
     flux = SimpleNamespace(model_sampling=DiscreteEps(), model_config=SimpleNamespace(unet_config={"image_model": "flux"}))
-    with pytest.raises(ValueError, match="not an SD1.x, SD2.x or SDXL U-Net"):
+    with pytest.raises(ValueError, match=r"canny_sd15\.safetensors is a tiny SD1\.x-shaped ControlNet but .* is Flux\.1"):
         control.pre_run(flux, DiscreteEps().percent_to_sigma)
 
 

@@ -19,12 +19,14 @@ HERE = Path(__file__).resolve().parent
 PACKAGE_MODELS = HERE.parent / "models"  # the demo world's shipped files
 SD15 = "v1-5-pruned-emaonly.safetensors"
 SDXL = "sd_xl_base_1.0.safetensors"
+FLUX_DEV = "flux1-dev-fp8.safetensors"  # Comfy-Org/flux1-dev: Flux.1 dev with its text encoders and VAE, one file
+SD35_LARGE = "sd3.5_large_fp8_scaled.safetensors"  # Comfy-Org/stable-diffusion-3.5-fp8: with CLIP-L/G, T5 and VAE
 NEGATIVE = "lowres, bad anatomy, worst quality, low quality"
 
 
 def _sd15_graph(controls: list[dict], prompt: str, size: int = 512, ckpt: str = SD15, compose: bool = False,
                 mask_image: str | None = None, schedule: dict | None = None, negative: str = NEGATIVE,
-                sampler: dict | None = None) -> dict[str, dict]:
+                sampler: dict | None = None, vae: bool = False) -> dict[str, dict]:
     """Checkpoint, prompts, ControlNet(s) + apply, sampler, decode, save: the graph every workflow shares."""
     nodes: dict[str, dict] = {
         "ckpt": {"type": "CheckpointLoaderSimple", "widgets": {"ckpt_name": ckpt}},
@@ -48,6 +50,8 @@ def _sd15_graph(controls: list[dict], prompt: str, size: int = 512, ckpt: str = 
         apply_links["control_net"] = ("compose", 0)
     else:
         apply_links["control_net"] = ("cn0", 0)
+    if vae:  # latent-hint ControlNets (InstantX / Shakker Flux, SD3, SD3.5) encode the image with the base's VAE
+        apply_links["vae"] = ("ckpt", 2)
     if mask_image:
         nodes["maskimg"] = {"type": "LoadImage", "widgets": {"image": mask_image}}
         apply_links["mask"] = ("maskimg", 1)
@@ -113,6 +117,31 @@ WORKFLOWS: dict[str, dict[str, Any]] = {
         graph=_sd15_graph([{"file": "control_v11p_sd15_scribble_fp16.safetensors", "image": "scribble.png"}],
                           "a lighthouse on a cliff", schedule={"keyframes": "0.0:1.0, 0.5:0.2",
                                                                "interpolation": "linear"})),
+    "controlnet_union_pro_canny_flux": dict(
+        note="Canny edges steer Flux.1 dev through Shakker Labs' Union-Pro 2.0 ControlNet (6 double blocks, no mode "
+             "token: leave union_type at auto; it also takes soft edge, depth, pose and grey images). Files: "
+             "flux1-dev-fp8.safetensors from the Hugging Face repo Comfy-Org/flux1-dev into models/checkpoints; "
+             "diffusion_pytorch_model.safetensors from Shakker-Labs/FLUX.1-dev-ControlNet-Union-Pro-2.0 into "
+             "models/controlnet, renamed FLUX.1-dev-ControlNet-Union-Pro-2.0.safetensors. The ControlNet encodes "
+             "the image with the checkpoint's VAE (the apply node's vae input). Strength 0.7 until 80% of the steps, "
+             "as its model card suggests for canny; cfg 1 with Flux's default guidance 3.5.",
+        graph=_sd15_graph([{"file": "FLUX.1-dev-ControlNet-Union-Pro-2.0.safetensors", "image": "canny_edges.png",
+                            "apply": {"strength": 0.7, "end_percent": 0.8}}],
+                          "a futuristic city at dusk, highly detailed", size=1024, ckpt=FLUX_DEV, negative="",
+                          vae=True, sampler={"seed": 12345, "steps": 28, "cfg": 1.0, "sampler_name": "euler",
+                                             "scheduler": "normal", "denoise": 1.0})),
+    "controlnet_canny_sd35_large": dict(
+        note="Canny edges steer SD3.5 Large through Stability's canny ControlNet (it borrows the base's patch "
+             "embedding; an SD1.5 or Flux ControlNet here is refused before sampling, naming both). Files: "
+             "sd3.5_large_fp8_scaled.safetensors from the Hugging Face repo Comfy-Org/stable-diffusion-3.5-fp8 into "
+             "models/checkpoints; sd3.5_large_controlnet_canny.safetensors from stabilityai/stable-diffusion-3.5-"
+             "controlnets into models/controlnet. The ControlNet encodes the image with the checkpoint's VAE (the "
+             "apply node's vae input).",
+        graph=_sd15_graph([{"file": "sd3.5_large_controlnet_canny.safetensors", "image": "canny_edges.png",
+                            "apply": {"strength": 0.8}}],
+                          "a futuristic city at dusk, highly detailed", size=1024, ckpt=SD35_LARGE, vae=True,
+                          sampler={"seed": 12345, "steps": 40, "cfg": 4.5, "sampler_name": "euler",
+                                   "scheduler": "normal", "denoise": 1.0})),
 }
 
 WORKFLOWS["demo_world"] = dict(

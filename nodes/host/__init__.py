@@ -4,6 +4,8 @@ its `nodes` and `execution` modules), always lazily, inside functions, so the pa
   * `control.py`: the CONTROL_NET object ComfyUI's sampler calls (`pre_run`, `get_control`, `cleanup`); inside
     ComfyUI a real `comfy.controlnet.ControlBase`. Gating, scaling and composition are library calls
     (`controlnet_model/residuals.py`).
+  * `dit.py`: Flux.1 and SD3 hosts: the sampled model's family, the family check, the VAE encode of latent hints,
+    the patch embedding an SD3.5 ControlNet borrows.
   * `folders.py`: every folder look-up (ComfyUI's `folder_paths`, `ZEROCONV_CONTROLNET_DIR`, the pack's models/).
   * `models.py`: ComfyUI's model manager (patchers, device, dtype) for annotator models and the demo world's base.
   * `comfyui.py`: ComfyUI's own executor, for `zeroconv run` when a ComfyUI is present.

@@ -25,13 +25,15 @@ import torch
 
 from ...controlnet_model.accelerate import Acceleration, AcceleratedControlNet, accelerate
 from ...controlnet_model.checkpoint import NEEDS_BASE, detect_format, load_controlnet, load_controlnet_cached
-from ...controlnet_model.config import FAMILY_BY_CONTEXT_DIM, ControlNetConfig, check_compatible
+from ...controlnet_model.config import FAMILY_BY_CONTEXT_DIM, ControlNetConfig
 from ...controlnet_model.hint import HintFit, fit_to_latent
 from ...controlnet_model.network import ControlNet
 from ...controlnet_model.residuals import (MODE_RULES, ControlMode, ControlSettings, ControlUnit, HostStep,
                                            as_host_dict, as_residuals, broadcast_batch, cond_rows, control_kind,
                                            merge_controls, progress_at, scale_output)
 from . import comfy_available
+from .dit import (FAMILY_DTYPES, borrow_host_weights, check_apply, check_part, file_family, transformer_family,
+                  vae_encoder)
 from .models import controlnet_patcher, executing_model_names, host_dtype, host_load_controlnet
 
 logger = logging.getLogger(__name__)
@@ -58,15 +60,16 @@ class ControlPart:
     composed: bool = False  # made by the compose node: keeps its own image, fit, range, mode and mask
     acceleration: Acceleration = Acceleration.NONE
     vae: Any = field(default=None, compare=False)  # passed on to host controls that encode hints with a VAE
+    union_type: str = "auto"  # a union ControlNet's mode by name ("auto": none), checked against the file
     shared: _Shared = field(default_factory=_Shared, compare=False, repr=False)
 
     def applied(self, image: torch.Tensor | None, settings: ControlSettings, fit: HintFit, vae: Any = None,
-                acceleration: Acceleration = Acceleration.NONE) -> "ControlPart":
+                acceleration: Acceleration = Acceleration.NONE, union_type: str = "auto") -> "ControlPart":
         """This part under an apply node. A composed part keeps its own image and settings: the apply node's
         strength multiplies its strength and the apply node's step range narrows its range."""
         acceleration = Acceleration(acceleration)
         if not self.composed:
-            return replace(self, image=image, settings=settings, fit=HintFit(fit), vae=vae,
+            return replace(self, image=image, settings=settings, fit=HintFit(fit), vae=vae, union_type=union_type,
                            acceleration=acceleration if acceleration is not Acceleration.NONE else self.acceleration)
         if settings.mode is not ControlMode.BALANCED or settings.mask is not None or settings.schedule is not None:
             raise ValueError("this CONTROL_NET is a composition: set control_mode, mask and schedule on each "
@@ -142,10 +145,15 @@ class ZeroConvControl:
 
     # ---- what apply and compose nodes call --------------------------------------------------------------
     def applied(self, image: torch.Tensor | None, settings: ControlSettings, fit: HintFit | str = HintFit.CROP_AND_RESIZE,
-                vae: Any = None, acceleration: Acceleration | str = Acceleration.NONE) -> "ZeroConvControl":
-        """A new control with this image and these settings (composed parts keep their own)."""
-        new = make_control(tuple(p.applied(image, settings, HintFit(fit), vae, Acceleration(acceleration))
+                vae: Any = None, acceleration: Acceleration | str = Acceleration.NONE,
+                union_type: str = "auto") -> "ZeroConvControl":
+        """A new control with this image and these settings (composed parts keep their own); a transformer
+        ControlNet without the VAE it needs or with a union mode its file lacks is refused here."""
+        new = make_control(tuple(p.applied(image, settings, HintFit(fit), vae, Acceleration(acceleration), union_type)
                                  for p in self.parts))
+        for part in new.parts:
+            if part.controlnet is not None:
+                check_apply(part.controlnet, part.vae, part.union_type, part.name, part.settings.mode)
         new.cond_hint_original, new.strength = image, settings.strength
         new.timestep_percent_range = (settings.start_percent, settings.end_percent)
         return new
@@ -165,18 +173,22 @@ class ZeroConvControl:
         self.cond_hint_original, self.strength, self.timestep_percent_range = cond_hint, strength, (start, end)
         self.vae = vae
         settings = ControlSettings(strength=strength, start_percent=start, end_percent=end)
-        self.parts = tuple(p.applied(cond_hint, settings, p.fit, vae) for p in self.parts)
+        self.parts = tuple(p.applied(cond_hint, settings, p.fit, vae, union_type=p.union_type) for p in self.parts)
         return self
 
     def pre_run(self, model: Any, percent_to_timestep_function: Callable[[float], float]) -> None:
         """Once per sampling run, before any step: family check, host controls readied, the chain's pre_run."""
-        unet_config = sampled_unet_config(model)
-        if unet_config is not None:
+        family = transformer_family(model)
+        unet_config = None if family is not None else sampled_unet_config(model)
+        if family is not None or unet_config is not None:
             names = self.model_names or executing_model_names()
             model_name = "the sampled model" + (f" {', '.join(names)}" if names else "")
             for part in self.parts:
                 if part.controlnet is not None:
-                    check_compatible(part.controlnet.config, unet_config, f"ControlNet {part.name}", model_name)
+                    check_part(part.controlnet, family, unet_config, part.name, model_name)
+        for part in self.parts:
+            if part.controlnet is not None:
+                borrow_host_weights(part.controlnet, model)  # SD3.5 ControlNets use the host's patch embedding
         hosts = {}
         for index, part in enumerate(self.parts):
             if part.host is not None:
@@ -210,7 +222,8 @@ class ZeroConvControl:
         ms = run.model_sampling
         step = HostStep(ms.calculate_input(t, x_noisy), ms.timestep(t), cond.get("crossattn_controlnet",
                         cond["c_crossattn"]), cond.get("y"), progress, batched_number,
-                        cond_rows(transformer_options.get("cond_or_uncond"), x_noisy.shape[0]), x_noisy)
+                        cond_rows(transformer_options.get("cond_or_uncond"), x_noisy.shape[0]), x_noisy,
+                        cond.get("guidance"))
         ours = None
         for index, part in active:
             if part.host is not None:
@@ -252,8 +265,11 @@ class ZeroConvControl:
         if key not in self._run.units:
             if part.image is None:
                 raise ValueError(f"{part.name} has no control image; connect an image to the apply node")
-            self._run.units[key] = control_kind(part.controlnet).prepare(
-                _accelerated(part), part.image, part.settings, part.fit, step.like, step.batched_number, part.name)
+            kind = control_kind(part.controlnet)
+            host_inputs = {"vae_encode": vae_encoder(part.vae), "union_type": part.union_type}
+            self._run.units[key] = kind.prepare(
+                _accelerated(part), part.image, part.settings, part.fit, step.like, step.batched_number, part.name,
+                **{k: host_inputs[k] for k in kind.host_inputs})
         return self._run.units[key]
 
     # ---- ControlNets from other loaders ------------------------------------------------------------------
@@ -312,6 +328,10 @@ def _select_chunks(x: torch.Tensor, t: torch.Tensor, cond: dict, options: dict, 
 def _accelerated(part: ControlPart) -> ControlNet | AcceleratedControlNet:
     if part.acceleration is Acceleration.NONE:
         return part.controlnet
+    if not isinstance(part.controlnet, ControlNet):
+        logger.info("%s: accelerate %s applies to U-Net ControlNets; this one runs eager", part.name,
+                    part.acceleration.value)
+        return part.controlnet
     if part.acceleration not in part.shared.accelerated:
         part.shared.accelerated[part.acceleration] = accelerate(part.controlnet, part.acceleration)
     return part.shared.accelerated[part.acceleration]
@@ -332,8 +352,9 @@ def sampled_unet_config(model: Any) -> ControlNetConfig | None:
         if not isinstance(unet_config, dict):
             return None
         if "model_channels" not in unet_config or "channel_mult" not in unet_config:
-            raise ValueError(f"the sampled model ({type(model_config).__name__}) is not an SD1.x, SD2.x or SDXL U-Net; "
-                             "ZeroConv ControlNets steer only those: use a ControlNet made for this model")
+            raise ValueError(f"the sampled model ({type(model_config).__name__}) is not an SD1.x, SD2.x or SDXL U-Net "
+                             "nor a Flux.1 or SD3 transformer; ZeroConv ControlNets steer only those: use a ControlNet "
+                             "made for this model")
         config = _config_from_comfy(unet_config)
     channels = getattr(getattr(model, "latent_format", None), "latent_channels", None)
     return config.replace(in_channels=channels) if isinstance(channels, int) else config
@@ -383,7 +404,8 @@ def load_control(path: Path, model: Any = None) -> tuple[ZeroConvControl, Any]:
 
     model: the MODEL that diff and Control-LoRA files are relative to (a patcher with .model.diffusion_model).
     """
-    dtype = host_dtype()
+    family = file_family(path)
+    dtype = host_dtype(FAMILY_DTYPES[family]) if family else host_dtype()
     try:
         if model is None:
             loaded = load_controlnet_cached(path, dtype=dtype)
@@ -396,7 +418,7 @@ def load_control(path: Path, model: Any = None) -> tuple[ZeroConvControl, Any]:
         logger.warning("%s is in a format ZeroConv does not read; loaded by ComfyUI's loader (apply options still work)",
                        path.name)
         return make_control((ControlPart(host=host, name=path.name),)), None
-    return make_control((ControlPart(loaded.model, name=path.name),)), loaded.metadata
+    return make_control((ControlPart(loaded.model, name=path.name),)), getattr(loaded, "metadata", None)
 
 
 def _needs_base(path: Path) -> bool:

@@ -121,13 +121,15 @@ def controlnet_patcher(controlnet: nn.Module) -> Any:
                         offload_device=mm.unet_offload_device())
 
 
-def host_dtype() -> torch.dtype | None:
-    """The dtype ComfyUI would run a ControlNet in on its device (its --fp16/--bf16 flags honoured); None outside."""
+def host_dtype(supported: tuple[torch.dtype, ...] = (torch.float16, torch.bfloat16, torch.float32)
+               ) -> torch.dtype | None:
+    """The dtype ComfyUI would run a ControlNet in on its device (its --fp16/--bf16 flags honoured), preferring the
+    model family's dtypes in its order (comfy/supported_models.py supported_inference_dtypes); None outside."""
     if not comfy_available():
         return None
     import comfy.model_management as mm
 
-    dtype = mm.unet_dtype(model_params=-1, supported_dtypes=[torch.float16, torch.bfloat16, torch.float32])
+    dtype = mm.unet_dtype(model_params=-1, supported_dtypes=list(supported))
     return mm.unet_manual_cast(dtype, mm.get_torch_device()) or dtype
 
 

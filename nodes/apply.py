@@ -12,7 +12,8 @@ import torch
 
 from ..controlnet_model.schedule import StrengthSchedule
 from .host.control import as_control
-from .common import CATEGORY, check_inputs, control_widgets, host_image_to_hint, settings_from_inputs
+from .common import (CATEGORY, check_inputs, control_widgets, host_image_to_hint, settings_from_inputs,
+                     union_type_input)
 
 
 def attach_control(positive: list, negative: list, control: Any) -> tuple[list, list]:
@@ -64,19 +65,21 @@ class ZeroConvApplyControlNet:
                 "positive": ("CONDITIONING",), "negative": ("CONDITIONING",), "control_net": ("CONTROL_NET",),
                 "image": ("IMAGE",), **control_widgets(),
             },
-            "optional": {"vae": ("VAE",), "mask": ("MASK",), "schedule": ("ZEROCONV_SCHEDULE",)},
+            "optional": {"vae": ("VAE",), "mask": ("MASK",), "schedule": ("ZEROCONV_SCHEDULE",),
+                         "union_type": union_type_input()},
         }
 
     def apply(self, positive: list, negative: list, control_net: Any, image: torch.Tensor, strength: float,
               start_percent: float, end_percent: float, control_mode: str = "balanced", fit: str = "crop_and_resize",
               accelerate: str = "none", vae: Any = None, mask: torch.Tensor | None = None,
-              schedule: StrengthSchedule | None = None) -> tuple:
+              schedule: StrengthSchedule | None = None, union_type: str = "auto") -> tuple:
         check_inputs(type(self), image=image, strength=strength, start_percent=start_percent,
                      end_percent=end_percent, mask=mask)
         if strength == 0.0:
             return (positive, negative)
         settings = settings_from_inputs(strength, start_percent, end_percent, control_mode, mask, schedule)
-        control = as_control(control_net).applied(host_image_to_hint(image), settings, fit, vae, accelerate)
+        control = as_control(control_net).applied(host_image_to_hint(image), settings, fit, vae, accelerate,
+                                                  union_type)
         return attach_control(positive, negative, control)
 
 

@@ -43,6 +43,14 @@ def control_widgets() -> dict:
     }
 
 
+def union_type_input() -> tuple:
+    """The optional `union_type` input of the apply and unit nodes: a Union ControlNet's control type by name
+    (ComfyUI's SetUnionControlNetType names, or a part such as "canny"), checked against the file by the host."""
+    return ("STRING", {"default": "auto", "tooltip": "Union ControlNets only: the control type (openpose, depth, "
+                       "hed/pidi/scribble/ted or a part of it, canny/lineart/anime_lineart/mlsd or a part, normal, "
+                       "segment, tile, repaint); auto as core (or the type set by SetUnionControlNetType)"})
+
+
 def check_inputs(node: type, **values: object) -> None:
     """Validate a node's numeric, image and mask inputs before any work, by its INPUT_TYPES declaration: numbers are
     finite and inside the declared min/max, images are (B, H, W, C) with H, W > 0 and 1, 3 or 4 channels, masks are

@@ -13,7 +13,8 @@ import torch
 
 from ..controlnet_model.schedule import StrengthSchedule
 from .host.control import as_control, make_control
-from .common import CATEGORY, check_inputs, control_widgets, host_image_to_hint, settings_from_inputs
+from .common import (CATEGORY, check_inputs, control_widgets, host_image_to_hint, settings_from_inputs,
+                     union_type_input)
 
 
 class ZeroConvControlUnit:
@@ -39,16 +40,19 @@ class ZeroConvControlUnit:
             "required": {
                 "control_net": ("CONTROL_NET",), "image": ("IMAGE",), **control_widgets(),
             },
-            "optional": {"stack": ("ZEROCONV_CONTROL_STACK",), "mask": ("MASK",), "schedule": ("ZEROCONV_SCHEDULE",)},
+            "optional": {"stack": ("ZEROCONV_CONTROL_STACK",), "mask": ("MASK",), "schedule": ("ZEROCONV_SCHEDULE",),
+                         "union_type": union_type_input()},
         }
 
     def add(self, control_net: Any, image: torch.Tensor, strength: float, start_percent: float, end_percent: float,
             control_mode: str = "balanced", fit: str = "crop_and_resize", accelerate: str = "none", stack: tuple = (),
-            mask: torch.Tensor | None = None, schedule: StrengthSchedule | None = None) -> tuple:
+            mask: torch.Tensor | None = None, schedule: StrengthSchedule | None = None,
+            union_type: str = "auto") -> tuple:
         check_inputs(type(self), image=image, strength=strength, start_percent=start_percent,
                      end_percent=end_percent, mask=mask)
         settings = settings_from_inputs(strength, start_percent, end_percent, control_mode, mask, schedule)
-        control = as_control(control_net).applied(host_image_to_hint(image), settings, fit, None, accelerate)
+        control = as_control(control_net).applied(host_image_to_hint(image), settings, fit, None, accelerate,
+                                                  union_type)
         return (tuple(stack or ()) + tuple(part.as_unit() for part in control.parts),)
 
 

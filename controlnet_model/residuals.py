@@ -468,10 +468,12 @@ def _no_types(name: str, what: str, conditions: Sequence[HostCondition]) -> None
 @dataclass(frozen=True)
 class ControlKind:
     """How one family of control models runs under a host sampler: `prepare` once per latent shape of a run
-    (fit, broadcast, encode the hint; `conditions` are a Union's (type, image, scale)), `residuals` at every
+    (fit, broadcast, encode the hint; `conditions` are a Union's (type, image, scale); `unet_config` the sampled
+    U-Net's, where an adapter's features go), `residuals` at every
     model call (a host control dict or None), `check` once per run against the sampled U-Net's config."""
 
-    prepare: Callable[..., Any]  # (model, image, settings, fit, latent, batched_number, name, conditions=()) -> unit
+    # (model, image, settings, fit, latent, batched_number, name, conditions=(), unet_config=None) -> unit
+    prepare: Callable[..., Any]
     residuals: Callable[[Any, HostStep], dict | None]
     check: Callable[[Any, ControlNetConfig, str, str], None]  # (model, unet config, name, sampled model's name)
 
@@ -494,7 +496,7 @@ def _broadcast_mask(settings: ControlSettings, device: torch.device, latent: tor
 
 def prepare_controlnet(controlnet: Any, image: torch.Tensor, settings: ControlSettings, fit: HintFit,
                        latent: torch.Tensor, batched_number: int, name: str,
-                       conditions: Sequence[HostCondition] = ()) -> ControlUnit:
+                       conditions: Sequence[HostCondition] = (), unet_config: ControlNetConfig | None = None) -> ControlUnit:
     """A ControlNet's unit for one latent shape: hint fitted to 8x the latent, its channels, broadcast to the
     batch, encoded once (the hint block is the same at every step)."""
     _no_types(name, "a plain ControlNet", conditions)
@@ -507,7 +509,7 @@ def prepare_controlnet(controlnet: Any, image: torch.Tensor, settings: ControlSe
 
 def prepare_union(controlnet: Any, image: torch.Tensor | None, settings: ControlSettings, fit: HintFit,
                   latent: torch.Tensor, batched_number: int, name: str,
-                  conditions: Sequence[HostCondition] = ()) -> ControlUnit:
+                  conditions: Sequence[HostCondition] = (), unet_config: ControlNetConfig | None = None) -> ControlUnit:
     """A Union ControlNet's unit: no conditions (or one of type None) is core's "auto" on `image`; one or more
     typed conditions run together in one forward (each image fitted and encoded once). The type is checked
     against the file here, so a missing type fails before the first step's forward."""
@@ -563,7 +565,8 @@ def as_adapter_host_dict(out: AdapterOutput | None, kind: AdapterKind, like: tor
 
 def prepare_adapter(adapter: T2IAdapter, image: torch.Tensor, settings: ControlSettings, fit: HintFit,
                     latent: torch.Tensor, batched_number: int, name: str,
-                    conditions: Sequence[HostCondition] = ()) -> AdapterUnit:
+                    conditions: Sequence[HostCondition] = (),
+                    unet_config: ControlNetConfig | None = None) -> AdapterUnit:
     """A T2I-Adapter's unit for one latent shape; its features are computed at the first step and cached
     (AdapterCache), so the adapter runs once per latent size in a run."""
     _no_types(name, "a T2I-Adapter", conditions)
@@ -571,7 +574,7 @@ def prepare_adapter(adapter: T2IAdapter, image: torch.Tensor, settings: ControlS
         image = fit_to_latent(image.float(), latent.shape[-2], latent.shape[-1], HintFit(fit))
     hint = broadcast_batch(image.float(), latent.shape[0], batched_number, f"{name}'s control image")
     device = next(adapter.parameters()).device
-    return AdapterUnit(adapter, hint, _broadcast_mask(settings, device, latent, batched_number, name))
+    return AdapterUnit(adapter, hint, _broadcast_mask(settings, device, latent, batched_number, name), unet_config)
 
 
 def adapter_residuals(unit: AdapterUnit, step: HostStep) -> dict | None:

@@ -121,6 +121,7 @@ class _Run:
     hosts: dict[int, Any]  # part index -> the host control prepared for this run
     groups: tuple[tuple[int, ...], ...] = ()  # part indices run in one forward (types of one Union file)
     types: dict[int, Any] = field(default_factory=dict)  # part index -> its Union control type (None: auto)
+    unet_config: ControlNetConfig | None = None  # the sampled U-Net's (where adapter features go)
     units: dict[tuple, Any] = field(default_factory=dict)  # prepared units (fitted, broadcast, encoded hints)
     progress: dict[float, tuple[float, float]] = field(default_factory=dict)  # sigma -> sampling progress
 
@@ -222,7 +223,7 @@ class ZeroConvControl:
                                                               vae=part.vae)
                 hosts[index].pre_run(model, percent_to_timestep_function)
         self._run = _Run(model.model_sampling, percent_to_timestep_function, hosts, union_groups(self.parts, types),
-                         types)
+                         types, unet_config)
         super().pre_run(model, percent_to_timestep_function)  # ControlBase: timestep_range, then the chain
 
     def get_control(self, x_noisy: torch.Tensor, t: torch.Tensor, cond: dict, batched_number: int,
@@ -319,7 +320,7 @@ class ZeroConvControl:
                 settings = replace(first.settings, strength=1.0)
             self._run.units[key] = control_kind(first.controlnet).prepare(
                 _accelerated(first), first.image, settings, first.fit, step.like, step.batched_number, first.name,
-                conditions=conditions)
+                conditions=conditions, unet_config=self._run.unet_config)
         return self._run.units[key]
 
     # ---- ControlNets from other loaders ------------------------------------------------------------------

@@ -26,7 +26,7 @@ from torch import nn
 
 from .blocks import timestep_embedding
 from .config import ControlNetConfig, check_compatible
-from .hint import HintFit, fit_hint, fit_to_latent, hint_channels
+from .hint import HintFit, centre_crop, fit_hint, fit_to_latent, hint_channels
 from .network import ControlNet, ControlNetOutput
 from .schedule import StrengthSchedule
 from .t2i_adapter import AdapterKind, AdapterOutput, T2IAdapter, adapter_hint_size, place_features, placement
@@ -654,7 +654,8 @@ def adapter_features(unit: AdapterUnit, latent_hw: tuple[int, int], dtype: torch
 
     def make() -> AdapterOutput:
         size = adapter_hint_size(unit.adapter, latent_hw)
-        hint = fit_hint(unit.hint, *size, HintFit.CROP_AND_RESIZE, mode="nearest-exact")  # ComfyUI's resize
+        # ComfyUI's fit (T2IAdapter.get_control, comfy/utils.py common_upscale "center"): crop to the aspect, resize
+        hint = fit_hint(centre_crop(unit.hint, size[1] / size[0]), *size, HintFit.RESIZE, mode="nearest-exact")
         weight = next(unit.adapter.parameters())
         with torch.no_grad():
             features = unit.adapter(hint.to(weight.device))

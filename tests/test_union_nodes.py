@@ -24,6 +24,13 @@ from zeroconv.nodes.host.control import ControlPart, make_control
 
 from .conftest import randomize
 from .test_adapter import apply, one_call
+
+try:  # a diffusers ControlNetUnionModel and ours (module fixture); diffusers is a test extra
+    from .test_union import promax  # noqa: F401
+except pytest.skip.Exception:
+    @pytest.fixture
+    def promax():
+        pytest.skip("the diffusers parity test needs the test extra (diffusers)")
 from .test_adapter_standins import conditioning, host_model, image, one_thread, sample  # noqa: F401
 
 
@@ -189,3 +196,33 @@ def test_loader_node_reads_union_and_adapter_files_itself(tmp_path, monkeypatch,
         apply(loaded, union_type="tile")
     t2i = ZeroConvLoadControlNet().load("t2iadapter_tiny.safetensors")[0]
     assert isinstance(t2i.parts[0].controlnet, T2IAdapter) and t2i.parts[0].host is None
+
+
+def test_composed_types_through_the_host_equal_diffusers_multi_condition_forward(promax) -> None:
+    """Two units of one Union file, composed, through the host control object = diffusers' ControlNetUnionModel
+    with both conditions and their conditioning scales (the host's model sampling is the identity here)."""
+    from types import SimpleNamespace
+
+    from .test_diffusers_parity import TOLERANCE, _inputs, _sdxl_y
+    from .test_union import _rel, _theirs_out
+
+    theirs, loaded = promax
+    x, t, context, hint, added = _inputs("sdxl")
+    other = torch.rand(hint.shape, generator=torch.Generator().manual_seed(5))
+    down, mid = _theirs_out(theirs, 8, [1, 6], [0.6, 1.3], [hint, other])
+    control = make_control((ControlPart(loaded.model, name="diffusion_pytorch_model_promax.safetensors"),))
+    stack = ZeroConvControlUnit().add(control, hint.movedim(1, -1), 0.6, 0.0, 1.0, union_type="depth")[0]
+    stack = ZeroConvControlUnit().add(control, other.movedim(1, -1), 1.3, 0.0, 1.0, stack=stack,
+                                      union_type="tile")[0]
+    composed = ZeroConvComposeControlNets().compose(stack)[0].copy()
+    sampling = SimpleNamespace(calculate_input=lambda sigma, latent: latent, timestep=lambda sigma: sigma)
+    composed.pre_run(SimpleNamespace(model_sampling=sampling), lambda p: 1000.0 * (1.0 - p))
+    count = Forwards(loaded.model)
+    with torch.no_grad():
+        out = composed.get_control(x, t.float(), {"c_crossattn": context, "y": _sdxl_y(added)}, 1,
+                                   {"cond_or_uncond": [0]})
+    composed.cleanup()
+    count.handle.remove()
+    assert len(count.calls) == 1
+    mine = SimpleNamespace(all=(*out["output"], out["middle"][0]))
+    assert _rel(mine, down, mid) < TOLERANCE

@@ -226,3 +226,29 @@ def test_composed_types_through_the_host_equal_diffusers_multi_condition_forward
     assert len(count.calls) == 1
     mine = SimpleNamespace(all=(*out["output"], out["middle"][0]))
     assert _rel(mine, down, mid) < TOLERANCE
+
+
+def test_an_adapter_of_another_family_is_refused_before_the_first_step(adapter) -> None:
+    from types import SimpleNamespace
+
+    from zeroconv.controlnet_model.config import preset
+
+    from .test_adapter_standins import DiscreteEps
+
+    sdxl = SimpleNamespace(model_sampling=DiscreteEps(), diffusion_model=SimpleNamespace(config=preset("sdxl")),
+                           latent_format=SimpleNamespace(latent_channels=4))
+    control = apply(ours(adapter, "t2iadapter_tiny.pth"))[0][0][1]["control"]
+    with pytest.raises(ValueError, match="T2I-Adapter t2iadapter_tiny.pth does not fit the sampled model"):
+        control.pre_run(sdxl, sdxl.model_sampling.percent_to_sigma)
+
+
+def test_core_apply_keeps_a_union_type_and_a_composition_refuses_one_on_the_apply_node(tiny_unet, union) -> None:
+    from .test_adapter_standins import core_apply
+
+    by_core_apply = one_call(core_apply(*conditioning(), core_set_type(ours(union), 4), image(), 0.7)[0][0][1]["control"],
+                             tiny_unet)
+    by_ours = one_call(apply(ours(union), strength=0.7, union_type="normal")[0][0][1]["control"], tiny_unet)
+    torch.testing.assert_close(by_core_apply["middle"][0], by_ours["middle"][0])
+    stack = ZeroConvControlUnit().add(ours(union), image(3), 0.6, 0.0, 1.0, union_type="depth")[0]
+    with pytest.raises(ValueError, match="set union_type on each ZeroConv ControlNet Unit"):
+        apply(ZeroConvComposeControlNets().compose(stack)[0], union_type="canny")

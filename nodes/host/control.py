@@ -200,7 +200,8 @@ class ZeroConvControl:
         self.cond_hint_original, self.strength, self.timestep_percent_range = cond_hint, strength, (start, end)
         self.vae = vae
         settings = ControlSettings(strength=strength, start_percent=start, end_percent=end)
-        self.parts = tuple(p.applied(cond_hint, settings, p.fit, vae) for p in self.parts)
+        self.parts = tuple(p.applied(cond_hint, settings, p.fit, vae, union_type=AUTO if p.composed else p.union_type)
+                           for p in self.parts)
         return self
 
     def pre_run(self, model: Any, percent_to_timestep_function: Callable[[float], float]) -> None:

@@ -245,8 +245,8 @@ def test_an_adapter_of_another_family_is_refused_before_the_first_step(adapter) 
 def test_core_apply_keeps_a_union_type_and_a_composition_refuses_one_on_the_apply_node(tiny_unet, union) -> None:
     from .test_adapter_standins import core_apply
 
-    by_core_apply = one_call(core_apply(*conditioning(), core_set_type(ours(union), 4), image(), 0.7)[0][0][1]["control"],
-                             tiny_unet)
+    positive = core_apply(*conditioning(), core_set_type(ours(union), 4), image(), 0.7)[0]
+    by_core_apply = one_call(positive[0][1]["control"], tiny_unet)
     by_ours = one_call(apply(ours(union), strength=0.7, union_type="normal")[0][0][1]["control"], tiny_unet)
     torch.testing.assert_close(by_core_apply["middle"][0], by_ours["middle"][0])
     stack = ZeroConvControlUnit().add(ours(union), image(3), 0.6, 0.0, 1.0, union_type="depth")[0]

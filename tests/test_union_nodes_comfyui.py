@@ -111,8 +111,10 @@ out["ours_is_native"] = part.host is None and type(part.controlnet).__name__ == 
 out["types"] = part.controlnet.num_control_types
 out["dtypes"] = [core_dtype, str(part.controlnet.dtype)]
 runs = {
-    "depth_union_type": call(our_apply(pos, neg, ours, image, 0.8, 0.0, 1.0, union_type="depth")[0], x, sigma, context, y),
-    "canny_union_type": call(our_apply(pos, neg, ours, image, 0.8, 0.0, 1.0, union_type="canny")[0], x, sigma, context, y),
+    "depth_union_type": call(our_apply(pos, neg, ours, image, 0.8, 0.0, 1.0, union_type="depth")[0],
+                            x, sigma, context, y),
+    "canny_union_type": call(our_apply(pos, neg, ours, image, 0.8, 0.0, 1.0, union_type="canny")[0],
+                            x, sigma, context, y),
     "depth_core_node_our_apply": call(our_apply(pos, neg, set_type(ours, "depth")[0], image, 0.8, 0.0, 1.0)[0],
                                       x, sigma, context, y),
     "depth_core_node_core_apply": call(core_apply(pos, neg, set_type(ours, "depth")[0], image, 0.8, 0.0, 1.0)[0],

@@ -46,6 +46,8 @@ class ZeroConvApplyControlNet:
         vae: passed on to ControlNets that encode their hint with a VAE; SD1.x/SDXL ControlNets do not use it.
         mask: where the control acts (1) or not (0); any size (resized per residual), one or one per latent.
         schedule: a ZeroConv strength schedule, multiplying strength over the steps.
+        union_type: a Union ControlNet's control type (auto: core's, or the type core's SetUnionControlNetType set);
+            a type the file lacks, or a type for a plain ControlNet or T2I-Adapter, is refused before sampling.
     """
 
     DESCRIPTION = ("Adds a ControlNet to the conditioning. control_mode: balanced; prompt_more_important (soft "

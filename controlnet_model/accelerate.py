@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from .network import ControlNet, ControlNetOutput
+from .union import UnionCondition, as_condition
 
 logger = logging.getLogger(__name__)
 
@@ -27,7 +28,7 @@ class Acceleration(str, Enum):
 class _Graph:
     """One captured forward: static input buffers, the graph, and its static outputs."""
 
-    def __init__(self, module: ControlNet, inputs: dict[str, torch.Tensor | None], warmup: int = 3):
+    def __init__(self, module: Any, inputs: dict[str, torch.Tensor | None], warmup: int = 3):
         self.inputs = {k: None if v is None else v.clone() for k, v in inputs.items()}
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
@@ -57,6 +58,7 @@ class AcceleratedControlNet(nn.Module):
         self.inner = controlnet
         self.mode = Acceleration(mode)
         self._compiled: Any = None
+        self._compiled_union: dict[tuple, Any] = {}
         self._graphs: dict[tuple, _Graph] = {}
         self._warned = False
 
@@ -72,9 +74,14 @@ class AcceleratedControlNet(nn.Module):
         return self.inner.encode_hint(hint)
 
     def forward(self, x: torch.Tensor, hint: torch.Tensor | None, timesteps: torch.Tensor, context: torch.Tensor,
-                y: torch.Tensor | None = None, guided_hint: torch.Tensor | None = None) -> ControlNetOutput:
+                y: torch.Tensor | None = None, guided_hint: torch.Tensor | None = None, *,
+                conditions: Any = None) -> ControlNetOutput:
         if self.mode is Acceleration.NONE or not self._usable(x):
+            if conditions is not None:
+                return self.inner(x, hint, timesteps, context, y, guided_hint, conditions=conditions)
             return self.inner(x, hint, timesteps, context, y, guided_hint)
+        if conditions is not None:
+            return self._union(x, timesteps, context, y, [as_condition(c) for c in conditions])
         if guided_hint is None:
             guided_hint = self.inner.encode_hint(hint)
         inputs = {"x": x, "hint": None, "timesteps": timesteps, "context": context, "y": y, "guided_hint": guided_hint}
@@ -85,6 +92,30 @@ class AcceleratedControlNet(nn.Module):
         key = tuple((k, None if v is None else (tuple(v.shape), v.dtype)) for k, v in inputs.items())
         if key not in self._graphs:
             self._graphs[key] = _Graph(self.inner, inputs)
+        return self._graphs[key](inputs)
+
+    def _union(self, x: torch.Tensor, timesteps: torch.Tensor, context: torch.Tensor, y: torch.Tensor | None,
+               conditions: list[UnionCondition]) -> ControlNetOutput:
+        """A Union forward with several conditions: the encoded hints are graph / compiled inputs; the types and
+        scales are part of the signature (a new combination compiles or captures anew)."""
+        encoded = [c.encoded if c.encoded is not None else self.inner.encode_hint(c.hint) for c in conditions]
+        spec = tuple((c.control_type, float(c.scale)) for c in conditions)
+        inner = self.inner
+
+        def run(x: torch.Tensor, timesteps: torch.Tensor, context: torch.Tensor, y: torch.Tensor | None,
+                **hints: torch.Tensor) -> ControlNetOutput:
+            conds = [UnionCondition(t, None, s, hints[f"encoded_{i}"]) for i, (t, s) in enumerate(spec)]
+            return inner(x, None, timesteps, context, y, conditions=conds)
+
+        inputs = {"x": x, "timesteps": timesteps, "context": context, "y": y,
+                  **{f"encoded_{i}": e for i, e in enumerate(encoded)}}
+        if self.mode is Acceleration.COMPILE:
+            if spec not in self._compiled_union:
+                self._compiled_union[spec] = torch.compile(run, dynamic=False)
+            return self._compiled_union[spec](**inputs)
+        key = (spec, *((k, None if v is None else (tuple(v.shape), v.dtype)) for k, v in inputs.items()))
+        if key not in self._graphs:
+            self._graphs[key] = _Graph(run, inputs)
         return self._graphs[key](inputs)
 
     def _usable(self, x: torch.Tensor) -> bool:
@@ -100,6 +131,7 @@ class AcceleratedControlNet(nn.Module):
         """Drop captured graphs and compiled code (their memory) at the end of a run."""
         self._graphs.clear()
         self._compiled = None
+        self._compiled_union.clear()
 
 
 def accelerate(controlnet: ControlNet, mode: Acceleration | str) -> ControlNet | AcceleratedControlNet:

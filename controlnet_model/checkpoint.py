@@ -695,14 +695,23 @@ def read_metadata(path: str | Path) -> ControlNetMetadata:
 
 
 @functools.lru_cache(maxsize=8)
-def _cached(path: str, mtime: float, size: int, dtype: torch.dtype | None) -> LoadedControlNet:
-    return load_controlnet(path, dtype=dtype)
+def _cached(path: str, mtime: float, size: int, dtype: torch.dtype | None) -> "LoadedControlNet | LoadedAdapter":
+    return load_control(path, dtype=dtype)
+
+
+def load_control_cached(path: str | Path, dtype: torch.dtype | None = None) -> "LoadedControlNet | LoadedAdapter":
+    """load_control (a ControlNet, plain or Union, or a T2I-Adapter), reused while the file is unchanged (same
+    path, mtime and size)."""
+    stat = Path(path).stat()
+    return _cached(str(Path(path).resolve()), stat.st_mtime, stat.st_size, dtype)
 
 
 def load_controlnet_cached(path: str | Path, dtype: torch.dtype | None = None) -> LoadedControlNet:
     """load_controlnet, reused while the file is unchanged (same path, mtime and size)."""
-    stat = Path(path).stat()
-    return _cached(str(Path(path).resolve()), stat.st_mtime, stat.st_size, dtype)
+    loaded = load_control_cached(path, dtype)
+    if isinstance(loaded, LoadedAdapter):
+        raise ValueError(f"{path} is a T2I-Adapter, not a ControlNet: load it with load_control")
+    return loaded
 
 
 # ---- T2I-Adapters -----------------------------------------------------------------------------------------

@@ -26,11 +26,11 @@ from torch import nn
 
 from .blocks import timestep_embedding
 from .config import ControlNetConfig, check_compatible
-from .hint import HintFit, fit_hint, fit_to_latent, hint_channels
+from .hint import HintFit, centre_crop, fit_hint, fit_to_latent, hint_channels
 from .network import ControlNet, ControlNetOutput
 from .schedule import StrengthSchedule
-from .t2i_adapter import AdapterOutput, T2IAdapter, adapter_hint_size, place_features
-from .union import UnionCondition, UnionControlNet
+from .t2i_adapter import AdapterKind, AdapterOutput, T2IAdapter, adapter_hint_size, place_features, placement
+from .union import UnionCondition, UnionConfig, UnionControlNet, union_type_index
 
 
 @dataclass(frozen=True)
@@ -254,7 +254,7 @@ class ControlUnit:
     conditions: tuple[UnionCondition, ...] = ()
 
     def __post_init__(self) -> None:
-        if self.conditions and not isinstance(self.controlnet, UnionControlNet):
+        if self.conditions and not isinstance(getattr(self.controlnet, "inner", self.controlnet), UnionControlNet):
             raise ValueError("control types (conditions) apply to a Union ControlNet only; this is a plain "
                              "ControlNet: drop the types")
         object.__setattr__(self, "conditions", tuple(self.conditions))
@@ -433,7 +433,10 @@ def merge_controls(ours: dict | None, previous: dict | None) -> dict | None:
     for key in ("input", "middle", "output"):
         a, b = list(ours.get(key) or []), list(previous.get(key) or [])
         n = max(len(a), len(b))
-        a, b = a + [None] * (n - len(a)), b + [None] * (n - len(b))
+        if key == "input":  # popped from the end: the last entry is input block 0, so align the ends
+            a, b = [None] * (n - len(a)) + a, [None] * (n - len(b)) + b
+        else:
+            a, b = a + [None] * (n - len(a)), b + [None] * (n - len(b))
         merged[key] = [y if x is None else x if y is None else x + y for x, y in zip(a, b)]
     return merged
 
@@ -453,30 +456,84 @@ class HostStep:
     guidance: torch.Tensor | None = None  # (B,) distilled guidance of Flux dev (the cond's "guidance"), or None
 
 
+# A Union condition as a host gives it: (type name or index or None for "auto", image (B, C, H, W), scale).
+HostCondition = tuple[Any, torch.Tensor, float]
+
+
+def _no_types(name: str, what: str, conditions: Sequence[HostCondition]) -> None:
+    if conditions:
+        raise ValueError(f"{name} is {what}, which has no control types: set union_type to auto (and do not use "
+                         "SetUnionControlNetType on it)")
+
+
 @dataclass(frozen=True)
 class ControlKind:
     """How one family of control models runs under a host sampler: `prepare` once per latent shape of a run
-    (fit, broadcast, encode the hint), `residuals` at every model call (a host control dict or None)."""
+    (fit, broadcast, encode the hint; `conditions` are a Union's (type, image, scale); `unet_config` the sampled
+    U-Net's, where an adapter's features go), `residuals` at every
+    model call (a host control dict or None), `check` once per run against the sampled U-Net's config."""
 
-    prepare: Callable[..., Any]  # (model, image, settings, fit, latent, batched_number, name, **host_inputs)
+    # (model, image, settings, fit, latent, batched_number, name, **{name: host input for name in host_inputs})
+    prepare: Callable[..., Any]
     residuals: Callable[[Any, HostStep], dict | None]
-    host_inputs: tuple[str, ...] = ()  # extra keyword inputs `prepare` takes from the host ("vae_encode", ...)
+    check: Callable[[Any, ControlNetConfig, str, str], None] | None = None  # (model, unet config, name, model name)
+    # the host inputs `prepare` takes by keyword: "conditions" (a Union's (type, image, scale)), "unet_config" (the
+    # sampled U-Net's), "vae_encode" (pixels -> latent with the base's VAE), "union_type" (a Flux union mode)
+    host_inputs: tuple[str, ...] = ("conditions", "unet_config")
 
 
-def prepare_controlnet(controlnet: Any, image: torch.Tensor, settings: ControlSettings, fit: HintFit,
-                       latent: torch.Tensor, batched_number: int, name: str) -> ControlUnit:
-    """A ControlNet's unit for one latent shape: hint fitted to 8x the latent, its channels, broadcast to the
-    batch, encoded once (the hint block is the same at every step)."""
+def _fitted_hint(controlnet: Any, image: torch.Tensor, fit: HintFit, latent: torch.Tensor, batched_number: int,
+                 name: str) -> torch.Tensor:
     device = next(controlnet.parameters()).device
     hint = fit_to_latent(image.to(device, torch.float32), latent.shape[-2], latent.shape[-1], fit)
     hint = hint_channels(hint, controlnet.config.hint_channels, name)
-    hint = broadcast_batch(hint, latent.shape[0], batched_number, f"{name}'s control image")
-    if settings.mask is not None:
-        mask = broadcast_batch(settings.mask.to(device), latent.shape[0], batched_number, f"{name}'s mask")
-        settings = replace(settings, mask=mask)
+    return broadcast_batch(hint, latent.shape[0], batched_number, f"{name}'s control image")
+
+
+def _broadcast_mask(settings: ControlSettings, device: torch.device, latent: torch.Tensor, batched_number: int,
+                    name: str) -> ControlSettings:
+    if settings.mask is None:
+        return settings
+    mask = broadcast_batch(settings.mask.to(device), latent.shape[0], batched_number, f"{name}'s mask")
+    return replace(settings, mask=mask)
+
+
+def prepare_controlnet(controlnet: Any, image: torch.Tensor, settings: ControlSettings, fit: HintFit,
+                       latent: torch.Tensor, batched_number: int, name: str,
+                       conditions: Sequence[HostCondition] = (), unet_config: ControlNetConfig | None = None) -> ControlUnit:
+    """A ControlNet's unit for one latent shape: hint fitted to 8x the latent, its channels, broadcast to the
+    batch, encoded once (the hint block is the same at every step)."""
+    _no_types(name, "a plain ControlNet", conditions)
+    hint = _fitted_hint(controlnet, image, fit, latent, batched_number, name)
+    settings = _broadcast_mask(settings, hint.device, latent, batched_number, name)
     with torch.no_grad():
         encoded = controlnet.encode_hint(hint.to(controlnet.dtype))
     return ControlUnit(controlnet, hint, settings, encoded)
+
+
+def prepare_union(controlnet: Any, image: torch.Tensor | None, settings: ControlSettings, fit: HintFit,
+                  latent: torch.Tensor, batched_number: int, name: str,
+                  conditions: Sequence[HostCondition] = (), unet_config: ControlNetConfig | None = None) -> ControlUnit:
+    """A Union ControlNet's unit: no conditions (or one of type None) is core's "auto" on `image`; one or more
+    typed conditions run together in one forward (each image fitted and encoded once). The type is checked
+    against the file here, so a missing type fails before the first step's forward."""
+    typed = [c for c in conditions if c[0] is not None and c[0] != "auto"]
+    if len(typed) != len(conditions) and len(conditions) > 1:
+        raise ValueError(f"{name}: auto (no type) is one condition on its own; give every composed unit its type")
+    if not typed:
+        source = image if not conditions else conditions[0][1]
+        unit = prepare_controlnet(controlnet, source, settings, fit, latent, batched_number, name)
+        return unit
+    count = UnionConfig.of(controlnet.config).num_control_types
+    conds = []
+    for control_type, cond_image, scale in typed:
+        index = union_type_index(control_type, count, name)
+        hint = _fitted_hint(controlnet, cond_image, fit, latent, batched_number, name)
+        with torch.no_grad():
+            encoded = controlnet.encode_hint(hint.to(controlnet.dtype))
+        conds.append(UnionCondition(index, None, float(scale), encoded))
+    settings = _broadcast_mask(settings, conds[0].encoded.device, latent, batched_number, name)
+    return ControlUnit(controlnet, None, settings, conds[0].encoded, tuple(conds))
 
 
 def controlnet_residuals(unit: ControlUnit, step: HostStep) -> dict | None:
@@ -490,8 +547,60 @@ def controlnet_residuals(unit: ControlUnit, step: HostStep) -> dict | None:
     return as_host_dict(out, step.like)
 
 
-# Control model families by class: a new family (union ControlNet, T2I-Adapter, DiT ControlNets) adds one entry.
-CONTROL_KINDS: dict[type, ControlKind] = {ControlNet: ControlKind(prepare_controlnet, controlnet_residuals)}
+def check_controlnet(controlnet: Any, unet_config: ControlNetConfig, name: str, model_name: str) -> None:
+    check_compatible(controlnet.config, unet_config, f"ControlNet {name}", model_name)
+
+
+# ComfyUI's SDXL adapter gives one more 'input' entry than SDXL has input blocks, a None for a block that does
+# not exist (comfy/t2i_adapter/adapter.py Adapter.forward, features[1:]); ours pad to the same length, so core's
+# control_merge (index-aligned) adds them to the right blocks.
+HOST_INPUT_PADDING: dict[AdapterKind, int] = {AdapterKind.FULL_XL: 1}
+
+
+def as_adapter_host_dict(out: AdapterOutput | None, kind: AdapterKind, like: torch.Tensor) -> dict | None:
+    """Adapter features as ComfyUI's control dict: 'input' reversed (the U-Net pops it after each input block),
+    padded as core's; 'middle' holds an SDXL adapter's last feature (empty for SD1.x)."""
+    if out is None:
+        return None
+    move = lambda r: None if r is None else r.to(like.device)  # noqa: E731
+    inputs = [None] * HOST_INPUT_PADDING.get(kind, 0) + [move(r) for r in reversed(out.input)]
+    return {"input": inputs, "middle": [] if out.mid is None else [move(out.mid)], "output": []}
+
+
+def prepare_adapter(adapter: T2IAdapter, image: torch.Tensor, settings: ControlSettings, fit: HintFit,
+                    latent: torch.Tensor, batched_number: int, name: str,
+                    conditions: Sequence[HostCondition] = (),
+                    unet_config: ControlNetConfig | None = None) -> AdapterUnit:
+    """A T2I-Adapter's unit for one latent shape; its features are computed at the first step and cached
+    (AdapterCache), so the adapter runs once per latent size in a run."""
+    _no_types(name, "a T2I-Adapter", conditions)
+    if HintFit(fit) is not HintFit.CROP_AND_RESIZE:
+        image = fit_to_latent(image.float(), latent.shape[-2], latent.shape[-1], HintFit(fit))
+    hint = broadcast_batch(image.float(), latent.shape[0], batched_number, f"{name}'s control image")
+    device = next(adapter.parameters()).device
+    return AdapterUnit(adapter, hint, _broadcast_mask(settings, device, latent, batched_number, name), unet_config)
+
+
+def adapter_residuals(unit: AdapterUnit, step: HostStep) -> dict | None:
+    """A T2I-Adapter's (cached) features at one model call, scaled, as ComfyUI's 'input' / 'middle' lists."""
+    rows = None if step.rows is None else step.rows.to(step.like.device)
+    out = run_adapter(unit, step.like, unit.settings.percent_in(step.progress), rows)
+    return as_adapter_host_dict(out, unit.adapter.config.kind, step.like)
+
+
+def check_adapter(adapter: T2IAdapter, unet_config: ControlNetConfig, name: str, model_name: str) -> None:
+    try:
+        placement(adapter.config, unet_config)
+    except ValueError as exc:
+        raise ValueError(f"T2I-Adapter {name} does not fit {model_name}: {exc}") from None
+
+
+# Control model families by class (the nearest registered base class wins): a new family adds one entry.
+CONTROL_KINDS: dict[type, ControlKind] = {
+    ControlNet: ControlKind(prepare_controlnet, controlnet_residuals, check_controlnet),
+    UnionControlNet: ControlKind(prepare_union, controlnet_residuals, check_controlnet),
+    T2IAdapter: ControlKind(prepare_adapter, adapter_residuals, check_adapter),
+}
 
 
 def control_kind(model: Any) -> ControlKind:
@@ -501,6 +610,8 @@ def control_kind(model: Any) -> ControlKind:
             return CONTROL_KINDS[cls]
     raise TypeError(f"{type(model).__name__} is not a control model ZeroConv can run; known: "
                     f"{', '.join(c.__name__ for c in CONTROL_KINDS)}")
+
+
 # ---- T2I-Adapters: run once per latent size ----------------------------------------------------------------
 class AdapterCache:
     """The placed features of one adapter unit for the last few latent sizes.
@@ -547,7 +658,8 @@ def adapter_features(unit: AdapterUnit, latent_hw: tuple[int, int], dtype: torch
 
     def make() -> AdapterOutput:
         size = adapter_hint_size(unit.adapter, latent_hw)
-        hint = fit_hint(unit.hint, *size, HintFit.CROP_AND_RESIZE, mode="nearest-exact")  # ComfyUI's resize
+        # ComfyUI's fit (T2IAdapter.get_control, comfy/utils.py common_upscale "center"): crop to the aspect, resize
+        hint = fit_hint(centre_crop(unit.hint, size[1] / size[0]), *size, HintFit.RESIZE, mode="nearest-exact")
         weight = next(unit.adapter.parameters())
         with torch.no_grad():
             features = unit.adapter(hint.to(weight.device))

@@ -47,7 +47,9 @@ class ZeroConvApplyControlNet:
             SD1.x/SDXL and XLabs / Mistoline Flux ControlNets do not use it.
         mask: where the control acts (1) or not (0); any size (resized per residual), one or one per latent.
         schedule: a ZeroConv strength schedule, multiplying strength over the steps.
-        union_type: a union ControlNet's control type by name ("auto": none; Flux union files take Flux's names).
+        union_type: a union ControlNet's control type by name ("auto": core's auto, or the type core's
+            SetUnionControlNetType set; SDXL Union files take ComfyUI's type names, Flux union files Flux's mode
+            names); a type the file lacks, or a type for a plain ControlNet or T2I-Adapter, is refused before sampling.
     """
 
     DESCRIPTION = ("Adds a ControlNet to the conditioning. control_mode: balanced; prompt_more_important (soft "

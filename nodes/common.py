@@ -44,11 +44,14 @@ def control_widgets() -> dict:
 
 
 def union_widget() -> dict:
-    """The optional union_type input of the apply and unit nodes: a union ControlNet's mode by name, checked against
-    the file when applied (Flux union files: canny, tile, depth, blur, pose, gray, low quality)."""
-    return {"union_type": ("STRING", {"default": "auto", "tooltip": "a union ControlNet's control type; 'auto' "
-                                      "lets the model infer it. Flux union: canny, tile, depth, blur, pose, gray, "
-                                      "low quality"})}
+    """The optional union_type input of the apply and unit nodes: a union ControlNet's type by name, checked against
+    the file by the host (SDXL Union: ComfyUI's SetUnionControlNetType names or a part such as "canny"; Flux union
+    files: canny, tile, depth, blur, pose, gray, low quality)."""
+    return {"union_type": ("STRING", {"default": "auto", "tooltip": "union ControlNets only: the control type. SDXL "
+                                      "Union: openpose, depth, hed/pidi/scribble/ted or a part, canny/lineart/"
+                                      "anime_lineart/mlsd or a part, normal, segment, tile, repaint. Flux union: "
+                                      "canny, tile, depth, blur, pose, gray, low quality. auto as core (or the type "
+                                      "set by SetUnionControlNetType)"})}
 
 
 def check_inputs(node: type, **values: object) -> None:

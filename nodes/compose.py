@@ -25,7 +25,9 @@ class ZeroConvControlUnit:
         image: this ControlNet's control image (B, H, W, C).
         strength, start_percent, end_percent, control_mode, fit, accelerate: as on the apply node.
         stack: the units before this one (leave empty for the first).
-        mask, schedule, vae, union_type: as on the apply node, for this ControlNet only.
+        mask, schedule, vae, union_type: as on the apply node, for this ControlNet only. Units of the same Union
+            file with the same step range, mode, mask, schedule and fit run together in one forward, each type with
+            its unit's strength.
     """
 
     DESCRIPTION = "One ControlNet of a composition: chain units through 'stack', then Compose ControlNets."

@@ -22,9 +22,11 @@ class ZeroConvLoadControlNet:
         model: the base model, needed for diff ControlNets and Control-LoRA files (they store weights relative to it).
 
     Reads LDM v1.0 (whole-SD, prefixed, pruned fp16), v1.1, diffusers files and folders, our native files,
-    diff / Control-LoRA files, and the transformer ControlNets of Flux.1 (XLabs, Mistoline, InstantX / Shakker
-    Union) and SD3 / SD3.5 (diffusers-trained, Stability's); inside ComfyUI, formats ZeroConv does not read go
-    through ComfyUI's own loader.
+    diff / Control-LoRA files, SDXL Union ControlNets (xinsir ControlNet++, 6 or 8 types; choose the type with
+    union_type on the apply node or core's SetUnionControlNetType), T2I-Adapters (SD1.x full and light, SDXL),
+    and the transformer ControlNets of Flux.1 (XLabs, Mistoline, InstantX / Shakker Union) and SD3 / SD3.5
+    (diffusers-trained, Stability's); inside ComfyUI, formats ZeroConv does not read go through ComfyUI's own
+    loader.
     Weights are cached per file; ComfyUI's memory manager moves them to the GPU while sampling.
     """
 

@@ -34,14 +34,18 @@ def _sd15_graph(controls: list[dict], prompt: str, size: int = 512, ckpt: str = 
         "neg": {"type": "CLIPTextEncode", "widgets": {"text": negative}, "links": {"clip": ("ckpt", 1)}},
         "latent": {"type": "EmptyLatentImage", "widgets": {"width": size, "height": size, "batch_size": 1}},
     }
+    loader: dict[int, str] = {}  # control -> its loader node; controls of one file share one loader
     for i, control in enumerate(controls):
         nodes[f"img{i}"] = {"type": "LoadImage", "widgets": {"image": control["image"]}}
-        nodes[f"cn{i}"] = {"type": "ZeroConvLoadControlNet", "widgets": {"control_net_name": control["file"]}}
+        first = next(j for j, c in enumerate(controls) if c["file"] == control["file"])
+        loader[i] = f"cn{first}"
+        if first == i:
+            nodes[f"cn{i}"] = {"type": "ZeroConvLoadControlNet", "widgets": {"control_net_name": control["file"]}}
     apply_links = {"positive": ("pos", 0), "negative": ("neg", 0), "image": ("img0", 0)}
     if compose:
         previous = None
         for i, control in enumerate(controls):
-            links = {"control_net": (f"cn{i}", 0), "image": (f"img{i}", 0)}
+            links = {"control_net": (loader[i], 0), "image": (f"img{i}", 0)}
             if previous:
                 links["stack"] = (previous, 0)
             nodes[f"unit{i}"] = {"type": "ZeroConvControlUnit", "widgets": control.get("widgets", {}), "links": links}
@@ -111,6 +115,24 @@ WORKFLOWS: dict[str, dict[str, Any]] = {
              "an SD1.5 ControlNet here is refused before sampling, naming both files).",
         graph=_sd15_graph([{"file": "diffusers_xl_canny_full.safetensors", "image": "canny_edges.png"}],
                           "a futuristic city at dusk, highly detailed", size=1024, ckpt=SDXL)),
+    "controlnet_union_pose_depth_sdxl": dict(
+        note="One SDXL Union ControlNet (xinsir/controlnet-union-sdxl-1.0, the ProMax file "
+             "diffusion_pytorch_model_promax.safetensors; the 6-type diffusion_pytorch_model.safetensors works the "
+             "same) with two types composed: openpose and depth, each unit with its own image, strength and "
+             "union_type. Units of one Union file with the same step range, mode and mask run in ONE forward per "
+             "step (diffusers' multi-condition forward). ComfyUI's SetUnionControlNetType also works on this "
+             "loader's output.",
+        graph=_sd15_graph([{"file": "diffusion_pytorch_model_promax.safetensors", "image": "pose.png",
+                            "widgets": {"strength": 0.9, "union_type": "openpose"}},
+                           {"file": "diffusion_pytorch_model_promax.safetensors", "image": "depth_map.png",
+                            "widgets": {"strength": 0.6, "union_type": "depth"}}],
+                          "a dancer on a stage, dramatic light", size=1024, ckpt=SDXL, compose=True)),
+    "t2i_adapter_canny_sd15": dict(
+        note="A T2I-Adapter steers SD1.5 through the same loader and apply node: TencentARC's "
+             "t2iadapter_canny_sd15v2.pth (TencentARC/T2I-Adapter, models/). The adapter runs once per latent "
+             "size; its features are added after the U-Net's input blocks. Leave union_type at auto.",
+        graph=_sd15_graph([{"file": "t2iadapter_canny_sd15v2.pth", "image": "canny_edges.png",
+                            "apply": {"strength": 0.9}}], "a cute bird sitting on a branch, best quality")),
     "controlnet_strength_schedule_sd15": dict(
         note="Strength over the steps (keyframes percent:multiplier, linear): full scribble control at the start, "
              "fading to 0.2 by the middle so the prompt shapes the details.",

@@ -24,13 +24,16 @@ from typing import Any, Callable
 import torch
 
 from ...controlnet_model.accelerate import Acceleration, AcceleratedControlNet, accelerate
-from ...controlnet_model.checkpoint import NEEDS_BASE, detect_format, load_controlnet, load_controlnet_cached
+from ...controlnet_model.checkpoint import NEEDS_BASE, detect_format, load_control_cached, load_controlnet
 from ...controlnet_model.config import FAMILY_BY_CONTEXT_DIM, ControlNetConfig
+from ...controlnet_model.dit_control import dit_format_of
 from ...controlnet_model.hint import HintFit, fit_to_latent
 from ...controlnet_model.network import ControlNet
 from ...controlnet_model.residuals import (MODE_RULES, ControlMode, ControlSettings, ControlUnit, HostStep,
                                            as_host_dict, as_residuals, broadcast_batch, cond_rows, control_kind,
                                            merge_controls, progress_at, scale_output)
+from ...controlnet_model.t2i_adapter import T2IAdapter
+from ...controlnet_model.union import AUTO, UnionControlNet, union_type_index
 from . import comfy_available
 from .dit import (FAMILY_DTYPES, borrow_host_weights, check_apply, check_part, file_family, transformer_family,
                   vae_encoder)
@@ -51,7 +54,7 @@ class _Shared:
 class ControlPart:
     """One ControlNet of a control: ours (`controlnet`) or another loader's (`host`), with its image and settings."""
 
-    controlnet: ControlNet | None = None
+    controlnet: ControlNet | T2IAdapter | None = None  # our control model (plain or Union ControlNet, adapter)
     host: Any = None  # a ComfyUI ControlBase (or anything with its protocol), run through its own get_control
     image: torch.Tensor | None = field(default=None, compare=False)  # (B, C, H, W) in [0, 1]
     settings: ControlSettings = ControlSettings()
@@ -60,17 +63,22 @@ class ControlPart:
     composed: bool = False  # made by the compose node: keeps its own image, fit, range, mode and mask
     acceleration: Acceleration = Acceleration.NONE
     vae: Any = field(default=None, compare=False)  # passed on to host controls that encode hints with a VAE
-    union_type: str = "auto"  # a union ControlNet's mode by name ("auto": none), checked against the file
     shared: _Shared = field(default_factory=_Shared, compare=False, repr=False)
+    union_type: str | int | None = None  # a union ControlNet's type / Flux mode; None: auto (or SetUnionControlNetType's)
 
     def applied(self, image: torch.Tensor | None, settings: ControlSettings, fit: HintFit, vae: Any = None,
-                acceleration: Acceleration = Acceleration.NONE, union_type: str = "auto") -> "ControlPart":
-        """This part under an apply node. A composed part keeps its own image and settings: the apply node's
+                acceleration: Acceleration = Acceleration.NONE, union_type: str | int | None = AUTO) -> "ControlPart":
+        """This part under an apply node. A composed part keeps its own image, settings and type: the apply node's
         strength multiplies its strength and the apply node's step range narrows its range."""
         acceleration = Acceleration(acceleration)
+        union_type = None if union_type in (None, AUTO) else union_type
         if not self.composed:
+            self.check_union_type(union_type)
             return replace(self, image=image, settings=settings, fit=HintFit(fit), vae=vae, union_type=union_type,
                            acceleration=acceleration if acceleration is not Acceleration.NONE else self.acceleration)
+        if union_type is not None:
+            raise ValueError("this CONTROL_NET is a composition: set union_type on each ZeroConv ControlNet Unit, "
+                             "and leave the apply node's union_type at auto")
         if settings.mode is not ControlMode.BALANCED or settings.mask is not None or settings.schedule is not None:
             raise ValueError("this CONTROL_NET is a composition: set control_mode, mask and schedule on each "
                              "ZeroConv ControlNet Unit, and leave the apply node at balanced with no mask or schedule")
@@ -85,6 +93,25 @@ class ControlPart:
         return replace(self, settings=narrowed, vae=vae if vae is not None else self.vae,
                        acceleration=acceleration if acceleration is not Acceleration.NONE else self.acceleration)
 
+    def check_union_type(self, union_type: str | int | None, where: str = "union_type") -> None:
+        """A control type this part can take (None: auto, always); the error names the type, the file and its types."""
+        if union_type is None or union_type == AUTO:
+            return
+        if dit_format_of(self.controlnet) is not None:
+            return  # a transformer ControlNet's modes: checked by check_apply with the file's own names
+        if isinstance(self.controlnet, UnionControlNet):
+            union_type_index(union_type, self.controlnet.num_control_types, self.name)
+        elif isinstance(self.controlnet, T2IAdapter):
+            raise ValueError(f"{where} is {union_type!r} but {self.name} is a T2I-Adapter, which has no control "
+                             "types: set union_type to auto")
+        elif self.controlnet is not None:
+            raise ValueError(f"{where} is {union_type!r} but {self.name} is a plain ControlNet, not a Union "
+                             "ControlNet: set union_type to auto")
+        else:
+            raise ValueError(f"{where} is {union_type!r} but {self.name} was loaded by another loader: choose its "
+                             "type with that pack's node (e.g. core's SetUnionControlNetType) and leave union_type "
+                             "at auto")
+
     def as_unit(self) -> "ControlPart":
         """This part as a unit of a composition (the compose node)."""
         return replace(self, composed=True)
@@ -97,6 +124,9 @@ class _Run:
     model_sampling: Any
     percent_to_sigma: Callable[[float], float]
     hosts: dict[int, Any]  # part index -> the host control prepared for this run
+    groups: tuple[tuple[int, ...], ...] = ()  # part indices run in one forward (types of one Union file)
+    types: dict[int, Any] = field(default_factory=dict)  # part index -> its Union control type (None: auto)
+    unet_config: ControlNetConfig | None = None  # the sampled U-Net's (where adapter features go)
     units: dict[tuple, Any] = field(default_factory=dict)  # prepared units (fitted, broadcast, encoded hints)
     progress: dict[float, tuple[float, float]] = field(default_factory=dict)  # sigma -> sampling progress
 
@@ -108,6 +138,10 @@ class HostFreeControlBase:
         self.cond_hint_original, self.cond_hint, self.vae = None, None, None
         self.strength, self.timestep_percent_range, self.timestep_range = 1.0, (0.0, 1.0), None
         self.previous_controlnet = None
+        self.extra_args: dict = {}
+
+    def set_extra_arg(self, argument: str, value: Any = None) -> None:
+        self.extra_args[argument] = value
 
     def set_previous_controlnet(self, controlnet: Any) -> Any:
         self.previous_controlnet = controlnet
@@ -146,14 +180,15 @@ class ZeroConvControl:
     # ---- what apply and compose nodes call --------------------------------------------------------------
     def applied(self, image: torch.Tensor | None, settings: ControlSettings, fit: HintFit | str = HintFit.CROP_AND_RESIZE,
                 vae: Any = None, acceleration: Acceleration | str = Acceleration.NONE,
-                union_type: str = "auto") -> "ZeroConvControl":
-        """A new control with this image and these settings (composed parts keep their own); a transformer
-        ControlNet without the VAE it needs or with a union mode its file lacks is refused here."""
+                union_type: str | int | None = AUTO) -> "ZeroConvControl":
+        """A new control with this image, these settings and control type (composed parts keep their own); a
+        transformer ControlNet without the VAE it needs or with a union mode its file lacks is refused here."""
         new = make_control(tuple(p.applied(image, settings, HintFit(fit), vae, Acceleration(acceleration), union_type)
                                  for p in self.parts))
         for part in new.parts:
             if part.controlnet is not None:
                 check_apply(part.controlnet, part.vae, part.union_type, part.name, part.settings.mode)
+        new.extra_args = dict(self.extra_args)  # core's SetUnionControlNetType type, for parts left at auto
         new.cond_hint_original, new.strength = image, settings.strength
         new.timestep_percent_range = (settings.start_percent, settings.end_percent)
         return new
@@ -163,6 +198,7 @@ class ZeroConvControl:
         new = make_control(self.parts)
         new.strength, new.timestep_percent_range = self.strength, self.timestep_percent_range
         new.cond_hint_original, new.vae, new.model_names = self.cond_hint_original, self.vae, self.model_names
+        new.extra_args = dict(self.extra_args)  # as ControlBase.copy_to: SetUnionControlNetType sets it on a copy
         return new
 
     def set_cond_hint(self, cond_hint: torch.Tensor, strength: float = 1.0,
@@ -173,7 +209,8 @@ class ZeroConvControl:
         self.cond_hint_original, self.strength, self.timestep_percent_range = cond_hint, strength, (start, end)
         self.vae = vae
         settings = ControlSettings(strength=strength, start_percent=start, end_percent=end)
-        self.parts = tuple(p.applied(cond_hint, settings, p.fit, vae, union_type=p.union_type) for p in self.parts)
+        self.parts = tuple(p.applied(cond_hint, settings, p.fit, vae, union_type=AUTO if p.composed else p.union_type)
+                           for p in self.parts)
         return self
 
     def pre_run(self, model: Any, percent_to_timestep_function: Callable[[float], float]) -> None:
@@ -185,10 +222,14 @@ class ZeroConvControl:
             model_name = "the sampled model" + (f" {', '.join(names)}" if names else "")
             for part in self.parts:
                 if part.controlnet is not None:
-                    check_part(part.controlnet, family, unet_config, part.name, model_name)
+                    if unet_config is not None and dit_format_of(part.controlnet) is None:
+                        control_kind(part.controlnet).check(part.controlnet, unet_config, part.name, model_name)
+                    else:
+                        check_part(part.controlnet, family, unet_config, part.name, model_name)
         for part in self.parts:
             if part.controlnet is not None:
                 borrow_host_weights(part.controlnet, model)  # SD3.5 ControlNets use the host's patch embedding
+        types = self._union_types()
         hosts = {}
         for index, part in enumerate(self.parts):
             if part.host is not None:
@@ -198,7 +239,8 @@ class ZeroConvControl:
                 hosts[index] = part.host.copy().set_cond_hint(part.image, s.strength, (s.start_percent, s.end_percent),
                                                               vae=part.vae)
                 hosts[index].pre_run(model, percent_to_timestep_function)
-        self._run = _Run(model.model_sampling, percent_to_timestep_function, hosts)
+        self._run = _Run(model.model_sampling, percent_to_timestep_function, hosts, union_groups(self.parts, types),
+                         types, unet_config)
         super().pre_run(model, percent_to_timestep_function)  # ControlBase: timestep_range, then the chain
 
     def get_control(self, x_noisy: torch.Tensor, t: torch.Tensor, cond: dict, batched_number: int,
@@ -215,8 +257,9 @@ class ZeroConvControl:
         if sigma not in run.progress:
             run.progress[sigma] = progress_at(sigma, run.percent_to_sigma)
         progress = run.progress[sigma]
-        active = [(i, p) for i, p in enumerate(self.parts)
-                  if (percent := p.settings.percent_in(progress)) is not None and p.settings.strength_at(percent)]
+        active = [group for group in run.groups if any(
+            (percent := self.parts[i].settings.percent_in(progress)) is not None
+            and self.parts[i].settings.strength_at(percent) for i in group)]
         if not active:  # outside every part's step range, or at strength 0: no forward at all
             return previous
         ms = run.model_sampling
@@ -225,11 +268,12 @@ class ZeroConvControl:
                         cond_rows(transformer_options.get("cond_or_uncond"), x_noisy.shape[0]), x_noisy,
                         cond.get("guidance"))
         ours = None
-        for index, part in active:
+        for group in active:
+            part = self.parts[group[0]]
             if part.host is not None:
-                out = self._host_residuals(index, part, x_noisy, t, cond, transformer_options, step)
+                out = self._host_residuals(group[0], part, x_noisy, t, cond, transformer_options, step)
             else:
-                out = control_kind(part.controlnet).residuals(self._unit(index, part, step), step)
+                out = control_kind(part.controlnet).residuals(self._unit(group, step), step)
             ours = merge_controls(ours, out)
         return merge_controls(ours, previous)
 
@@ -259,16 +303,44 @@ class ZeroConvControl:
         super().cleanup()
 
     # ---- our control models ------------------------------------------------------------------------------
-    def _unit(self, index: int, part: ControlPart, step: HostStep) -> ControlUnit:
-        """The part's prepared unit: once per latent shape in a run (the hint is the same at every step)."""
-        key = (index, tuple(step.like.shape), step.batched_number, step.like.device)
+    def _union_types(self) -> dict[int, Any]:
+        """Each part's control type: its own (union_type input), else core's SetUnionControlNetType
+        (`extra_args["control_type"]`, a list of indices as comfy/cldm/cldm.py takes it; [] is auto). Checked
+        against the file here, before the first step."""
+        core = self.extra_args.get("control_type")
+        if core is not None and len(core) > 1:
+            raise ValueError(f"control_type {list(core)} names several types; ZeroConv runs several types of one "
+                             "Union file as composed ZeroConv ControlNet Units, one type each")
+        types = {}
+        for index, part in enumerate(self.parts):
+            own = part.union_type
+            if own is None and core and isinstance(part.controlnet, UnionControlNet):
+                own = int(core[0])
+                part.check_union_type(own, "the type set by SetUnionControlNetType")
+            types[index] = own
+        return types
+
+    def _unit(self, group: tuple[int, ...], step: HostStep) -> Any:
+        """The prepared unit of a part (or of Union parts run together): once per latent shape in a run (the hint
+        is the same at every step; an adapter's features are cached in it after the first step)."""
+        key = (group, tuple(step.like.shape), step.batched_number, step.like.device)
         if key not in self._run.units:
-            if part.image is None:
-                raise ValueError(f"{part.name} has no control image; connect an image to the apply node")
-            kind = control_kind(part.controlnet)
-            host_inputs = {"vae_encode": vae_encoder(part.vae), "union_type": part.union_type}
+            parts = [self.parts[i] for i in group]
+            for part in parts:
+                if part.image is None:
+                    raise ValueError(f"{part.name} has no control image; connect an image to the apply node")
+            first, types = parts[0], self._run.types
+            if len(group) == 1:
+                conditions = () if types[group[0]] is None else ((types[group[0]], first.image, 1.0),)
+                settings = first.settings
+            else:  # diffusers' multi-condition forward: each unit's strength is its condition's scale
+                conditions = tuple((types[i], p.image, p.settings.strength) for i, p in zip(group, parts))
+                settings = replace(first.settings, strength=1.0)
+            kind = control_kind(first.controlnet)
+            host_inputs = {"conditions": conditions, "unet_config": self._run.unet_config,
+                           "vae_encode": vae_encoder(first.vae), "union_type": types[group[0]]}
             self._run.units[key] = kind.prepare(
-                _accelerated(part), part.image, part.settings, part.fit, step.like, step.batched_number, part.name,
+                _accelerated(first), first.image, settings, first.fit, step.like, step.batched_number, first.name,
                 **{k: host_inputs[k] for k in kind.host_inputs})
         return self._run.units[key]
 
@@ -323,6 +395,36 @@ def _select_chunks(x: torch.Tensor, t: torch.Tensor, cond: dict, options: dict, 
     if "transformer_options" in cond:
         cond["transformer_options"] = options
     return x[rows], t[rows], cond, sum(keep), options, rows
+
+
+def union_groups(parts: tuple[ControlPart, ...], types: dict[int, Any]) -> tuple[tuple[int, ...], ...]:
+    """Part indices in the order they run; typed parts of the SAME Union model with the same step range, mode,
+    mask, schedule, fit and acceleration (and distinct types) form one group, run in one forward with per-type
+    strengths (diffusers' ControlNetUnionModel multi-condition forward). Everything else runs on its own."""
+    groups: list[list[int]] = []
+    for index, part in enumerate(parts):
+        for group in groups:
+            head = parts[group[0]]
+            if (isinstance(part.controlnet, UnionControlNet) and part.controlnet is head.controlnet
+                    and types[index] is not None and types[group[0]] is not None
+                    and _same_application(part, head)
+                    and all(_type_key(part, types[index]) != _type_key(parts[i], types[i]) for i in group)):
+                group.append(index)
+                break
+        else:
+            groups.append([index])
+    return tuple(tuple(g) for g in groups)
+
+
+def _type_key(part: ControlPart, control_type: Any) -> int:
+    return union_type_index(control_type, part.controlnet.num_control_types, part.name)
+
+
+def _same_application(a: ControlPart, b: ControlPart) -> bool:
+    sa, sb = a.settings, b.settings
+    return (sa.start_percent, sa.end_percent, sa.mode, sa.schedule, a.fit, a.acceleration) == \
+        (sb.start_percent, sb.end_percent, sb.mode, sb.schedule, b.fit, b.acceleration) \
+        and sa.mask is sb.mask and sa.strength > 0 and sb.strength > 0
 
 
 def _accelerated(part: ControlPart) -> ControlNet | AcceleratedControlNet:
@@ -400,15 +502,16 @@ def _control_class() -> type:
 
 
 def load_control(path: Path, model: Any = None) -> tuple[ZeroConvControl, Any]:
-    """A file as a control: ours when the library reads the format, else (inside ComfyUI) ComfyUI's loader's.
+    """A file as a control: ours when the library reads the format (ControlNets, Union ControlNets, T2I-Adapters),
+    else (inside ComfyUI) ComfyUI's loader's.
 
     model: the MODEL that diff and Control-LoRA files are relative to (a patcher with .model.diffusion_model).
     """
     family = file_family(path)
     dtype = host_dtype(FAMILY_DTYPES[family]) if family else host_dtype()
     try:
-        if model is None:
-            loaded = load_controlnet_cached(path, dtype=dtype)
+        if model is None:  # a plain or Union ControlNet, or a T2I-Adapter
+            loaded = load_control_cached(path, dtype=dtype)
         else:  # relative to this base model: not cached across models
             loaded = load_controlnet(path, base_unet=model.model.diffusion_model, dtype=dtype)
     except ValueError:

@@ -186,6 +186,18 @@ def test_native_save_keeps_a_union_and_reloads(promax, tmp_path) -> None:
         assert torch.equal(a, b), k
 
 
+def test_training_export_of_a_union_stays_a_union(promax) -> None:
+    """Training from a Union file (controlnet_init) writes its checkpoints through export_controlnet."""
+    from types import SimpleNamespace
+
+    from zeroconv.training.loop import export_controlnet
+
+    _, loaded = promax
+    exported = export_controlnet(SimpleNamespace(controlnet=loaded.model), dict(loaded.model.state_dict()))
+    assert isinstance(exported, UnionControlNet) and exported.num_control_types == 8
+    assert exported.state_dict().keys() == loaded.model.state_dict().keys()
+
+
 def test_a_unit_with_types_runs_them_in_one_forward_with_strength(promax) -> None:
     _, loaded = promax
     x, t, context, hint, added = _inputs("sdxl")

@@ -340,9 +340,12 @@ def _metadata(cfg: TrainConfig, step: int, family: str) -> Any:
 
 
 def export_controlnet(run: Run, weights: dict[str, torch.Tensor]) -> ControlNet:
-    """A CPU ControlNet holding full weights, for writing files (works for sharded models too)."""
+    """A CPU ControlNet holding full weights, for writing files (works for sharded models too); a Union stays a
+    Union (its class from the config, not from the possibly wrapped training module)."""
+    from ..controlnet_model.checkpoint import network_class
+
     with torch.device("meta"):
-        model = ControlNet(run.controlnet.config)
+        model = network_class(run.controlnet.config)(run.controlnet.config)
     model.load_state_dict(weights, strict=True, assign=True)
     return model
 

@@ -1,4 +1,5 @@
-"""The weight-free annotators as data: one AnnotatorSpec per control map (controlnet-formats.md §5.2, §5.4).
+"""The weight-free annotators as data: one AnnotatorSpec per control map (the preprocessors of
+lllyasviel/ControlNet-v1-1-nightly, gradio_*.py).
 
 The functions live in edges.py, scribble.py, normal.py and misc.py; registry.py registers SPECS.
 """

@@ -1,4 +1,5 @@
-"""What every annotator shares: image conventions (controlnet-formats.md §5.1) and the spec that describes one."""
+"""What every annotator shares: image conventions (HWC uint8 RGB in; white-on-black maps out, as
+lllyasviel/ControlNet's annotator/util.py HWC3 and resize_image) and the spec that describes one."""
 from __future__ import annotations
 
 from dataclasses import dataclass

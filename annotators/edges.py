@@ -1,4 +1,5 @@
-"""Edge and line maps without weights (controlnet-formats.md §5.2): HWC uint8 RGB in, white-on-black HWC uint8 out."""
+"""Edge and line maps without weights (lllyasviel/ControlNet annotator/canny, mlsd): HWC uint8 RGB in, white-on-
+black HWC uint8 out."""
 from __future__ import annotations
 
 from typing import TYPE_CHECKING

@@ -1,4 +1,5 @@
-"""Conditions that are the picture itself, transformed (controlnet-formats.md §5.2): shuffle, tile, colour grid, inpaint."""
+"""Conditions that are the picture itself, transformed (lllyasviel/ControlNet-v1-1-nightly annotator/shuffle, the
+tile and inpaint models' preprocessing): shuffle, tile, colour grid, inpaint."""
 from __future__ import annotations
 
 import numpy as np

@@ -1,4 +1,4 @@
-"""Normal map from a depth map, ControlNet v1.0's "normal from MiDaS" (controlnet-formats.md §5.2).
+"""Normal map from a depth map, ControlNet v1.0's "normal from MiDaS" (lllyasviel/ControlNet gradio_normal2image.py).
 
 Orientation of the map as fed to the normal ControlNet (v1.0 reverses the (x, y, z) channels to (z, y, x)):
 R = z, towards the viewer (flat, facing surfaces are R 255); G = y, up (a surface facing up is bright in G);

@@ -1,4 +1,5 @@
-"""The annotator table and the one call that runs any of them on an image or a batch (controlnet-formats.md §5.1).
+"""The annotator table and the one call that runs any of them on an image or a batch (lllyasviel/ControlNet
+annotator/util.py resize_image conventions).
 
 Classical (weight-free) specs come from classical.py; learned ones register themselves from `annotators.learned`,
 which is imported at the end of this module when it exists.

@@ -1,7 +1,8 @@
 """Scribbles: synthesised from a picture the way the paper trains its scribble model, and a user's own cleaned up.
 
 Synthesis (Zhang et al. 2023, appendix: edges with random thresholds, random masking, random morphological
-transforms, random non-maximum suppression; controlnet-formats.md §5.2 fake scribble: NMS at 127 after a sigma-3
+transforms, random non-maximum suppression; lllyasviel/ControlNet gradio_fake_scribble2image.py: NMS at 127 after a
+sigma-3
 blur with 4 directional dilations, then a sigma-3 blur thresholded at 4). Offline the soft edges come from Canny or
 the gradient magnitude, randomised; a learned soft edge map (HED) can be passed to `scribble_from_soft_edges`.
 """

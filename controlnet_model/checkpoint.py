@@ -1,4 +1,4 @@
-"""Reading and writing ControlNet checkpoints (controlnet-formats.md §2; STYLE §3-§4).
+"""Reading and writing ControlNet checkpoints (formats: lllyasviel/ControlNet cldm/cldm.py, diffusers models/controlnets/, ComfyUI comfy/controlnet.py).
 
 Read: original v1.0 files (`control_model.` prefix, with or without the whole SD model, Lightning nesting),
 pruned community files, v1.1 bare LDM files (with an optional `.yaml` beside), diffusers folders and single
@@ -117,7 +117,7 @@ Plan = dict[str, Source]
 
 # ---- key tables -------------------------------------------------------------------------------------------
 def apply_rules(state: Mapping[str, V], rules: Rules) -> tuple[dict[str, V], list[str]]:
-    """Rename keys by the longest matching source prefix; return (converted, unmatched source keys) (STYLE §4)."""
+    """Rename keys by the longest matching source prefix; return (converted, unmatched source keys); one rule table per format, no per-key code."""
     ordered = sorted(rules, key=lambda rule: len(rule[0]), reverse=True)
     converted: dict[str, V] = {}
     unmatched: list[str] = []
@@ -413,7 +413,7 @@ def _union_config(config: ControlNetConfig, plan: Plan, sidecar: Sidecar) -> Con
 
 def _renamed(weights: WeightFile, names: dict[str, str], rules: Rules, other_prefixes: tuple[str, ...] = (),
              other_keys: tuple[str, ...] = ()) -> Plan:
-    """Rename by `rules`, leaving out the file's other contents; a key left unplaced is an error (STYLE §4)."""
+    """Rename by `rules`, leaving out the file's other contents; a key left unplaced is an error."""
     kept = {k: v for k, v in names.items() if not (k.startswith(other_prefixes) or k in other_keys)}
     converted, unmatched = apply_rules(kept, rules)
     if unmatched:
@@ -521,7 +521,7 @@ def _add_low_rank(load_whole: Callable[[], torch.Tensor], load_up: Callable[[], 
 # ---- architecture and building ------------------------------------------------------------------------------
 def _resolve_config(weights: WeightFile, plan: Plan, base: dict[str, torch.Tensor] | None,
                     base_unet: Any, sidecar: Sidecar, path: Path) -> ControlNetConfig:
-    """Native metadata first; else the shapes (STYLE §3), with what sidecars and the base model add."""
+    """Native metadata first; else the shapes, with what sidecars and the base model add."""
     stored = weights.metadata.get(PREFIX + "config")
     if stored:
         try:

@@ -1,4 +1,4 @@
-"""Key tables as data: marker keys per format and the renames between formats (controlnet-formats.md §2).
+"""Key tables as data: marker keys per format and the renames between formats (diffusers scripts/convert_original_controlnet_to_diffusers.py and ComfyUI comfy/utils.py unet_to_diffusers).
 
 Only checkpoint code reads these tables. Rename rules are (source prefix, target prefix) pairs; the longest
 matching prefix wins and the rest of the key is kept. Patterns with `{name}` placeholders are expanded by the

@@ -1,4 +1,4 @@
-"""Reading weight files lazily and safely (controlnet-formats.md §2.1 loader notes).
+"""Reading weight files lazily and safely (the safetensors file format: an 8-byte header length, a JSON header, raw tensors).
 
 safetensors files are opened with safe_open: names, shapes and dtypes come from the header, and each tensor is
 read only when asked for. Pickles (.pth/.ckpt/.bin) go through torch.load(weights_only=True), memory-mapped when

@@ -1,4 +1,4 @@
-"""Annotators with learned weights (controlnet-formats.md §5.2), registered into annotators.registry at import.
+"""Annotators with learned weights (lllyasviel/Annotators weight files), registered into annotators.registry at import.
 
 Module map: base.py (strict weight loading, batch tensors), hed.py (HED soft edges, HED scribble), mlsd.py
 (M-LSD straight lines), openpose_nets.py + openpose_parse.py + openpose.py (body, hands, face), hf.py (hub

@@ -7,7 +7,8 @@ checkpoints as the community publishes them (hf.py); it is imported only when a 
 ours, in torch, on the model's device: DPT-Hybrid takes exactly its config's 384x384 (transformers' hybrid embeddings
 do not interpolate position embeddings) with mean = std = 0.5; Depth Anything takes the short side at 518, aspect
 kept, sides multiples of 14, ImageNet mean/std. Both predict relative inverse depth (larger = nearer); the map is
-resized back bilinearly and min-max normalised per image to 0..255, so near is bright (controlnet-formats.md §5.2).
+resized back bilinearly and min-max normalised per image to 0..255, so near is bright (lllyasviel/ControlNet
+annotator/midas).
 ControlNet v1.0's normal map is made from MiDaS's raw (unnormalised) prediction (normal_midas_batch).
 """
 from __future__ import annotations

@@ -8,7 +8,7 @@ ours, in torch: short side at the model's scale (SegFormer 512, the ADE20K train
 its hub image processor's size), aspect kept, sides multiples of 32, ImageNet mean/std. Each pixel gets its most
 likely class (Mask2Former: class probabilities of the queries weighted by their mask probabilities, the semantic
 inference of the paper), painted at opacity 1 with the ADE20K 150-colour palette or the COCO panoptic 133 category
-colours (palettes.json; controlnet-formats.md §5.2). Maps go back to the output size with nearest (spec.resample).
+colours (palettes.json; the ADE20K / COCO palettes of ControlNet-v1-1-nightly annotator/uniformer and oneformer). Maps go back to the output size with nearest (spec.resample).
 """
 from __future__ import annotations
 

@@ -35,13 +35,6 @@ def hwc3(image: np.ndarray) -> np.ndarray:
     return image
 
 
-def hwc3_batch(images: np.ndarray) -> np.ndarray:
-    """(N, H, W, C) uint8 with C in 1, 3, 4 (or (N, H, W)) to (N, H, W, 3) RGB."""
-    if images.ndim == 3 and images.dtype == np.uint8 and images.shape[2] not in (1, 3, 4):
-        images = images[..., None]  # a batch of grey images, (N, H, W)
-    return np.stack([hwc3(im) for im in images]) if len(images) else images.reshape(0, 0, 0, 3)
-
-
 def short_side_size(height: int, width: int, short_side: int) -> tuple[int, int]:
     """(h, w) with the short side scaled to `short_side`, aspect kept (ControlNet resize_image)."""
     scale = short_side / min(height, width)

@@ -129,11 +129,6 @@ def to_openpose_dict(people: list[Person], height: int, width: int) -> dict[str,
             "canvas_width": width, "canvas_height": height}
 
 
-def to_openpose_json(people: list[Person], height: int, width: int) -> str:
-    """OpenPose keypoint JSON text for people (pixel coordinates on a width x height canvas)."""
-    return json.dumps(to_openpose_dict(people, height, width))
-
-
 def map_people(people: list[Person], fn: Callable[[float, float], tuple[float, float]]) -> list[Person]:
     """New people with every keypoint's (x, y) passed through fn (e.g. from the padded detect canvas to the image)."""
     def move(points: Points) -> Points:

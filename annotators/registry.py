@@ -13,6 +13,7 @@ from typing import Any, Callable
 
 import numpy as np
 
+from .classical import SPECS
 from .common import (AnnotatorSpec, DetectFit, check_image, check_sizes, hwc3, resize, resize_to_detect,
                      short_side_size)
 
@@ -192,13 +193,6 @@ def annotate(name: str, image: np.ndarray, *, detect_resolution: int | None = 51
                                    seed=seed, device=device, model_cache=model_cache, **params)[0]
 
 
-def _register_builtin() -> None:
-    from .classical import SPECS
-
-    for spec in SPECS:
-        register(spec)
-
-
 def _register_learned() -> None:
     """Import annotators.learned (it registers its specs); only its absence is tolerated, never its errors."""
     try:
@@ -209,5 +203,6 @@ def _register_learned() -> None:
         logger.debug("no learned annotators in this build (%s)", exc)
 
 
-_register_builtin()
+for _spec in SPECS:
+    register(_spec)
 _register_learned()

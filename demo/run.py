@@ -49,21 +49,14 @@ class DemoResult:
     steps: int = 0
     wall_s: float = 0.0
 
-    @property
-    def iou_with(self) -> float:
-        return float(np.mean([s.iou_with for s in self.samples]))
+    def mean(self, score: str) -> float:
+        """The mean of one SampleScores field over the samples."""
+        return float(np.mean([getattr(s, score) for s in self.samples]))
 
-    @property
-    def iou_without(self) -> float:
-        return float(np.mean([s.iou_without for s in self.samples]))
-
-    @property
-    def colour_accuracy_with(self) -> float:
-        return float(np.mean([s.colours_with for s in self.samples]))
-
-    @property
-    def colour_accuracy_without(self) -> float:
-        return float(np.mean([s.colours_without for s in self.samples]))
+    iou_with = property(lambda self: self.mean("iou_with"))
+    iou_without = property(lambda self: self.mean("iou_without"))
+    colour_accuracy_with = property(lambda self: self.mean("colours_with"))
+    colour_accuracy_without = property(lambda self: self.mean("colours_without"))
 
 
 def validation_settings(controlnet_path: Path) -> tuple[float, int]:

@@ -142,11 +142,6 @@ def write_dataset(folder: str | Path, count: int, size: int = 64, seed: int = 0)
     return prompt_file
 
 
-def batch_arrays(specs: list[ShapeSpec], size: int) -> tuple[np.ndarray, np.ndarray]:
-    """In-memory (targets (B, H, W, 3) uint8, outlines (B, H, W, 3) uint8) for specs, without touching disk."""
-    return (np.stack([render_target(s, size) for s in specs]), np.stack([render_outline(s, size) for s in specs]))
-
-
 # ---- measuring generated pictures of the world --------------------------------------------------------------
 def nearest_colour(rgb: np.ndarray) -> str:
     """The palette name nearest (Euclidean RGB) to a colour."""

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from zeroconv.demo import world
-from zeroconv.demo.world import (PALETTE, SHAPES, ShapeSpec, batch_arrays, colours_match, nearest_colour,
+from zeroconv.demo.world import (PALETTE, SHAPES, ShapeSpec, colours_match, nearest_colour,
                                      random_specs, render_outline, render_target, segment_shape, shape_mask,
                                      write_dataset)
 
@@ -71,7 +71,7 @@ def test_training_data_reader_reads_the_world(tmp_path) -> None:
 
 def test_measuring_a_perfect_picture_scores_perfectly() -> None:
     specs = random_specs(20, seed=5)
-    targets, _ = batch_arrays(specs, 64)
+    targets = [render_target(s, 64) for s in specs]
     for spec, image in zip(specs, targets):
         seg = segment_shape(image, spec)
         mask = shape_mask(spec, 64)

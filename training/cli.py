@@ -51,7 +51,7 @@ def run_train(args: argparse.Namespace) -> int:
 def init_controlnet(base_path: str | Path, out: str | Path, control_type: str = "",
                     hint_channels: int | None = None) -> Path:
     """Write a fresh ControlNet for the base (copied encoder, zero-initialised zero convs and hint output)."""
-    from ..controlnet_model.checkpoint import save_controlnet
+    from ..controlnet_model.checkpoint import ControlNetMetadata, save_controlnet
     from ..controlnet_model.from_unet import init_from_unet
     from .base import load_base
 
@@ -60,17 +60,12 @@ def init_controlnet(base_path: str | Path, out: str | Path, control_type: str = 
         raise ValueError(f"write the ControlNet as .safetensors, got {out}")
     base = load_base(base_path)
     controlnet, fresh = init_from_unet(base.unet, hint_channels=hint_channels)
-    save_controlnet(controlnet.float(), out, metadata=_init_metadata(base.family, control_type, base_path))
+    metadata = ControlNetMetadata(family=base.family, control_type=control_type,
+                                  provenance=f"zeroconv init-controlnet from {Path(base_path).name}")
+    save_controlnet(controlnet.float(), out, metadata=metadata)
     logger.info("wrote %s (%d tensors copied from the base, %d fresh)", out,
                 len(controlnet.state_dict()) - len(fresh), len(fresh))
     return out
-
-
-def _init_metadata(family: str, control_type: str, base_path: str | Path):
-    from ..controlnet_model.checkpoint import ControlNetMetadata
-
-    return ControlNetMetadata(family=family, control_type=control_type,
-                              provenance=f"zeroconv init-controlnet from {Path(base_path).name}")
 
 
 def run_init(args: argparse.Namespace) -> int:

@@ -112,16 +112,16 @@ class TrainConfig:
             values = getattr(self, name) if typing.get_origin(kind) is tuple else (getattr(self, name),)
             if any(isinstance(v, float) and not math.isfinite(v) for v in values):
                 raise ValueError(f"training config {name} must be a finite number, got {getattr(self, name)!r}")
-        positive = ("resolution", "batch_size", "grad_accum", "max_steps", "sample_steps", "keep_checkpoints")
-        for name in positive:
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        for name in ("unlock_lr", "adam_eps"):
-            if getattr(self, name) <= 0:
-                raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
-        for name in ("weight_decay", "max_grad_norm", "cfg_scale", "seed", "num_validation_conditions"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        bounds = {">= 1": ("resolution", "batch_size", "grad_accum", "max_steps", "sample_steps", "keep_checkpoints"),
+                  "> 0": ("lr", "unlock_lr", "adam_eps"),
+                  ">= 0": ("weight_decay", "max_grad_norm", "cfg_scale", "seed", "num_validation_conditions",
+                           "save_every", "validate_every", "reconnect_after", "unlock_base_after", "lr_warmup_steps",
+                           "num_workers", "log_every")}
+        for rule, names in bounds.items():
+            for name in names:
+                value = getattr(self, name)
+                if value <= 0 if rule == "> 0" else value < int(rule[-1]):
+                    raise ValueError(f"{name} must be {rule}, got {value}")
         if not all(0.0 <= b < 1.0 for b in self.adam_betas):
             raise ValueError(f"adam_betas must both be in [0, 1), got {list(self.adam_betas)}")
         if self.seed * SEED_STRIDE + self.max_steps >= 2**63:
@@ -139,8 +139,6 @@ class TrainConfig:
             raise ValueError(f"caption_dropout is a share in [0, 1], got {self.caption_dropout}")
         if not 0.0 <= self.ema_decay < 1.0:
             raise ValueError(f"ema_decay must be in [0, 1) (0 = off), got {self.ema_decay}")
-        if self.lr <= 0:
-            raise ValueError(f"lr must be > 0, got {self.lr}")
         if self.prediction_type not in ("auto", "epsilon", "v_prediction"):
             raise ValueError(f"prediction_type must be 'auto', 'epsilon' or 'v_prediction', got {self.prediction_type!r}")
         if self.fidelity_metric not in ("auto", "edge_f1", "iou", "depth_corr", "none"):
@@ -149,10 +147,6 @@ class TrainConfig:
             raise ValueError("cache_latents needs crop = 'center' (a cached latent cannot be re-cropped)")
         if self.mode is TrainMode.LARGE_SCALE and self.parallelism is Parallelism.FSDP:
             raise ValueError("large_scale mode unlocks base weights, which FSDP here does not shard; use parallelism = 'ddp'")
-        for name in ("save_every", "validate_every", "reconnect_after", "unlock_base_after", "lr_warmup_steps",
-                     "num_workers", "log_every"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
 
     # ---- reading and writing ------------------------------------------------------------------------
     @classmethod
@@ -263,12 +257,8 @@ def _coerce(name: str, kind: Any, value: Any) -> Any:
             return tuple(_coerce(name, item_kind, v) for v in items)
     except (TypeError, ValueError):
         choices = f" (one of {[m.value for m in kind]})" if isinstance(kind, type) and issubclass(kind, Enum) else ""
-        raise ValueError(f"training config {name} = {value!r} is not a valid {_kind_name(kind)}{choices}") from None
+        raise ValueError(f"training config {name} = {value!r} is not a valid {getattr(kind, '__name__', kind)}{choices}") from None
     return value
-
-
-def _kind_name(kind: Any) -> str:
-    return getattr(kind, "__name__", str(kind))
 
 
 def _plain(value: Any) -> Any:

@@ -153,10 +153,8 @@ def random_canny_thresholds(rng: np.random.Generator) -> tuple[int, int]:
 
 def make_condition(annotator: str, image: np.ndarray, seed: int) -> np.ndarray:
     """The condition an annotator makes from a training image (at its size); Canny gets random thresholds."""
-    try:
-        from ..annotators import registry
-    except ImportError as exc:
-        raise ValueError(f"annotator {annotator!r} needs the annotators package, which failed to import ({exc})") from None
+    from ..annotators import registry
+
     if annotator not in registry.ANNOTATORS:
         raise ValueError(f"unknown annotator {annotator!r}; choose one of {sorted(registry.ANNOTATORS)} or give "
                          "conditions in the data and leave `annotator` empty")

@@ -423,13 +423,9 @@ def resume(run: Run, optimizer: torch.optim.Optimizer, ema: list[torch.Tensor] |
 def _sharded_like(run: Run, full: dict[str, torch.Tensor]) -> list[torch.Tensor]:
     """EMA tensors shaped like this process's parameters (sharded under FSDP)."""
     params = list(run.controlnet.parameters())
-    saved = [p.detach().clone() for p in params]
-    dist_util.load_full_states(run.controlnet, torch.optim.SGD(params, lr=0.0), full, None)
-    out = [p.detach().clone() for p in params]
-    with torch.no_grad():
-        for p, s in zip(params, saved):
-            p.copy_(s)
-    return out
+    with swapped_weights(params, [p.detach() for p in params]):  # the live weights come back afterwards
+        dist_util.load_full_states(run.controlnet, torch.optim.SGD(params, lr=0.0), full, None)
+        return [p.detach().clone() for p in params]
 
 
 def _warn_config_changes(saved: dict[str, Any], cfg: TrainConfig) -> None:

@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..controlnet_model.atomic import atomic_torch_save, atomic_write, atomic_write_text, remove_stale_temps
+from ..controlnet_model.atomic import atomic_torch_save, atomic_write, atomic_write_text
 
 __all__ = ["atomic_torch_save", "atomic_write", "atomic_write_text", "CheckpointFolder", "load_state",
            "load_checkpoint_weights", "rng_state", "set_rng_state"]
@@ -111,10 +111,6 @@ class CheckpointFolder:
                 continue
             for p in (self.paths(old).weights, self.paths(old).state):
                 p.unlink(missing_ok=True)
-
-    def remove_stale_temps(self) -> list[Path]:
-        """Temp files of writes cut short by a killed process (never a named checkpoint)."""
-        return remove_stale_temps(self.folder)
 
 
 def partner(path: Path) -> Path:

@@ -14,7 +14,7 @@ from typing import Mapping
 import torch
 from torch import nn
 
-SOT_TOKEN, EOT_TOKEN = 49406, 49407
+EOT_TOKEN = 49407
 
 
 @dataclass(frozen=True)

@@ -8,7 +8,6 @@ and Reroute, PrimitiveNode, Note, muted and bypassed nodes are resolved away.
 """
 from __future__ import annotations
 
-import asyncio
 import inspect
 import json
 import logging
@@ -249,22 +248,9 @@ def _error(kind: str, message: str, name: str, details: str = "", **extra: Any) 
     return {"type": kind, "message": message, "details": details, "extra_info": {"input_name": name, **extra}}
 
 
-def types_match(received: Any, expected: Any) -> bool:
-    """A link's type fits an input: equal, '*' on either side, or overlapping comma unions."""
-    received = "COMBO" if isinstance(received, (list, tuple)) else received
-    expected = "COMBO" if isinstance(expected, (list, tuple)) else expected
-    if received == expected or "*" in (received, expected):
-        return True
-    if not isinstance(received, str) or not isinstance(expected, str):
-        return False
-    return bool({t.strip() for t in received.split(",")} & {t.strip() for t in expected.split(",")})
-
-
 def _check_constant(name: str, spec: tuple, value: Any, skip_builtin: bool) -> tuple[Any, dict | None]:
-    """Coerce a widget value and check min/max and combo membership."""
-    if isinstance(value, dict) and "__value__" in value:
-        value = value["__value__"]
-    kind = spec_type(spec)
+    """Coerce a widget value and check min/max and list membership (skipped for inputs VALIDATE_INPUTS names)."""
+    kind, opts = spec_type(spec), spec_options(spec)
     if isinstance(kind, str) and kind in WIDGET_COERCE:
         try:
             value = WIDGET_COERCE[kind](value)
@@ -276,91 +262,53 @@ def _check_constant(name: str, spec: tuple, value: Any, skip_builtin: bool) -> t
                              f"not the value {value!r}", name)
     if skip_builtin:
         return value, None
-    opts = spec_options(spec)
-    if kind in ("INT", "FLOAT") and opts.get("min") is not None and value < opts["min"]:
+    if opts.get("min") is not None and value < opts["min"]:
         return value, _error("value_smaller_than_min", f"Value {value} smaller than min of {opts['min']}", name, name)
-    if kind in ("INT", "FLOAT") and opts.get("max") is not None and value > opts["max"]:
+    if opts.get("max") is not None and value > opts["max"]:
         return value, _error("value_bigger_than_max", f"Value {value} bigger than max of {opts['max']}", name, name)
     if is_combo(spec) and value not in combo_options(spec):
-        shown = combo_options(spec)[:20]
-        return value, _error("value_not_in_list", "Value not in list",
-                             name, f"{name}: {value!r} not in {shown}", received_value=value)
+        return value, _error("value_not_in_list", "Value not in list", name,
+                             f"{name}: {value!r} not in {combo_options(spec)[:20]}", received_value=value)
     return value, None
 
 
-def _custom_validation(cls: type, inputs: dict, linked: set[str]) -> list[dict]:
-    """Call VALIDATE_INPUTS with the inputs its signature names (linked ones as None)."""
-    params = inspect.signature(cls.VALIDATE_INPUTS).parameters
-    takes_all = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
-    kwargs = {k: (None if k in linked else v) for k, v in inputs.items() if takes_all or k in params}
-    result = cls.VALIDATE_INPUTS(**kwargs)
-    if result is True:
-        return []
-    return [_error("custom_validation_failed", "Custom validation failed for node", k, f"{k} - {result}")
-            for k in (kwargs or {"": None})]
-
-
-def _validate_node(node_id: str, prompt: Prompt, registry: Registry, state: dict[str, list[dict]]) -> bool:
-    """Validate one node and, first, everything it links from; errors land in state[node_id]."""
-    if node_id in state:
-        return not state[node_id]
-    state[node_id] = errors = []
-    node = prompt[node_id]
-    cls = registry[node["class_type"]]
-    inputs = node.setdefault("inputs", {})
-    linked: set[str] = set()
-    custom = set()
-    if hasattr(cls, "VALIDATE_INPUTS"):
-        custom = set(inspect.signature(cls.VALIDATE_INPUTS).parameters)
-    upstream_ok = True
+def _node_errors(node_id: str, prompt: Prompt, registry: Registry) -> list[dict]:
+    """One node's input errors: missing required inputs, bad links, bad widget values, then VALIDATE_INPUTS
+    (called with the inputs its signature names, linked ones as None, as ComfyUI does)."""
+    cls = registry[prompt[node_id]["class_type"]]
+    inputs = prompt[node_id].setdefault("inputs", {})
+    custom = inspect.signature(cls.VALIDATE_INPUTS).parameters if hasattr(cls, "VALIDATE_INPUTS") else {}
+    errors: list[dict] = []
     for name, spec, required in declared_inputs(cls):
+        value = inputs.get(name)
         if name not in inputs:
-            if required:
-                errors.append(_error("required_input_missing", "Required input is missing", name, name))
-            continue
-        value = inputs[name]
-        if isinstance(value, list):
-            linked.add(name)
-            error, ok = _check_link(name, spec, value, prompt, registry, state)
-            errors.extend([error] if error else [])
-            upstream_ok &= ok
-            continue
-        inputs[name], error = _check_constant(name, spec, value, skip_builtin=name in custom)
-        errors.extend([error] if error else [])
-    if hasattr(cls, "VALIDATE_INPUTS") and not errors and upstream_ok:
-        errors.extend(_custom_validation(cls, inputs, linked))
-    return not errors and upstream_ok
+            errors += [_error("required_input_missing", "Required input is missing", name, name)] if required else []
+        elif isinstance(value, list):
+            source, slot = (prompt.get(str(value[0])), value[1]) if len(value) == 2 else (None, None)
+            outputs = getattr(registry[source["class_type"]], "RETURN_TYPES", ()) if source else ()
+            if not isinstance(slot, int) or not 0 <= slot < len(outputs):
+                errors.append(_error("bad_linked_input", "Bad linked input, must be [node_id, slot_index] naming an "
+                                     "output of a node in the workflow", name, f"{name}, {value!r}"))
+        else:
+            inputs[name], error = _check_constant(name, spec, value, skip_builtin=name in custom)
+            errors += [error] if error else []
+    if custom and not errors:
+        result = cls.VALIDATE_INPUTS(**{k: None if isinstance(v, list) else v for k, v in inputs.items()
+                                        if k in custom})
+        if result is not True:
+            errors.append(_error("custom_validation_failed", "Custom validation failed for node", "", str(result)))
+    return errors
 
 
-def _check_link(name: str, spec: tuple, value: list, prompt: Prompt, registry: Registry,
-                state: dict[str, list[dict]]) -> tuple[dict | None, bool]:
-    if len(value) != 2 or str(value[0]) not in prompt or not isinstance(value[1], int):
-        return _error("bad_linked_input", "Bad linked input, must be a length-2 list of [node_id, slot_index] "
-                      "naming an existing node", name, f"{name}, {value!r}"), True
-    source = str(value[0])
-    returns = getattr(registry[prompt[source]["class_type"]], "RETURN_TYPES", ())
-    if not 0 <= value[1] < len(returns):
-        return _error("bad_linked_input", f"node {source} has no output {value[1]}", name, name), True
-    if not types_match(returns[value[1]], spec_type(spec)):
-        return _error("return_type_mismatch", "Return type mismatch between linked nodes", name,
-                      f"{name}, received_type({returns[value[1]]}) mismatch input_type({spec_type(spec)})"), True
-    return None, _validate_node(source, prompt, registry, state)
-
-
-def _upstream(prompt: Prompt, node_id: str) -> set[str]:
-    """A node and every node it links from (cycles tolerated)."""
-    seen, todo = set(), [node_id]
+def _upstream(prompt: Prompt, node_id: str) -> list[str]:
+    """A node and every node it links from, each once (cycles tolerated; execution_order reports them)."""
+    seen, todo = {}, [node_id]
     while todo:
         current = todo.pop()
-        if current in seen or current not in prompt:
-            continue
-        seen.add(current)
-        todo += [str(v[0]) for v in prompt[current].get("inputs", {}).values() if isinstance(v, list) and v]
-    return seen
-
-
-def output_nodes(prompt: Prompt, registry: Registry) -> list[str]:
-    return [i for i, n in prompt.items() if getattr(registry[n["class_type"]], "OUTPUT_NODE", False)]
+        if current not in seen and current in prompt:
+            seen[current] = None
+            todo += [str(v[0]) for v in prompt[current].get("inputs", {}).values() if isinstance(v, list) and v]
+    return list(seen)
 
 
 def validate_prompt(prompt: Prompt, registry: Registry) -> list[str]:
@@ -369,16 +317,14 @@ def validate_prompt(prompt: Prompt, registry: Registry) -> list[str]:
         if node.get("class_type") not in registry:
             raise PromptValidationError(f"Cannot execute because node {node.get('class_type')!r} (node {node_id}) "
                                         f"does not exist; zeroconv run knows {sorted(registry)}")
-    outputs = output_nodes(prompt, registry)
+    outputs = [i for i, n in prompt.items() if getattr(registry[n["class_type"]], "OUTPUT_NODE", False)]
     if not outputs:
         raise PromptValidationError("Prompt has no outputs: add an output node such as SaveImage or PreviewImage")
-    state: dict[str, list[dict]] = {}
-    for node_id in outputs:
-        _validate_node(node_id, prompt, registry, state)
-    upstream = {o: _upstream(prompt, o) for o in outputs}
+    needs = {o: _upstream(prompt, o) for o in outputs}
     node_errors = {nid: {"errors": errs, "class_type": prompt[nid]["class_type"],
-                         "dependent_outputs": [o for o in outputs if nid in upstream[o]]}
-                   for nid, errs in state.items() if errs}
+                         "dependent_outputs": [o for o in outputs if nid in needs[o]]}
+                   for nid in dict.fromkeys(n for o in outputs for n in needs[o])
+                   if (errs := _node_errors(nid, prompt, registry))}
     if node_errors:
         raise PromptValidationError("Prompt outputs failed validation:", node_errors)
     return outputs
@@ -425,28 +371,12 @@ def execution_order(prompt: Prompt, outputs: list[str]) -> list[str]:
 
 def _call_inputs(node_id: str, cls: type, prompt: Prompt, results: dict[str, tuple],
                  extra_pnginfo: dict | None) -> dict[str, Any]:
-    kwargs = {}
-    for name, value in prompt[node_id].get("inputs", {}).items():
-        kwargs[name] = results[str(value[0])][value[1]] if isinstance(value, list) else value
-    hidden_values = {"PROMPT": prompt, "EXTRA_PNGINFO": extra_pnginfo, "UNIQUE_ID": node_id}
-    for name, kind in cls.INPUT_TYPES().get("hidden", {}).items():
-        kwargs[name] = hidden_values.get(kind)
-    declared = {name for name, _, _ in declared_inputs(cls)} | set(cls.INPUT_TYPES().get("hidden", {}))
-    return {k: v for k, v in kwargs.items() if k in declared}
-
-
-def _split_result(value: Any, cls: type, node_id: str) -> tuple[tuple, dict | None]:
-    """(outputs tuple, ui dict) from a node's return value: a tuple, or {'ui': ..., 'result': ...}."""
-    ui = None
-    if isinstance(value, dict):
-        ui, value = value.get("ui"), value.get("result", ())
-        if ui is not None and not all(isinstance(v, list) for v in ui.values()):
-            raise ValueError(f"node {node_id} ({cls.__name__}) returned a ui dict whose values are not lists")
-    value = () if value is None else value
-    if not isinstance(value, (tuple, list)) or len(value) != len(cls.RETURN_TYPES):
-        raise ValueError(f"node {node_id} ({cls.__name__}) must return a tuple of {len(cls.RETURN_TYPES)} values "
-                         f"({cls.RETURN_TYPES}), got {type(value).__name__}")
-    return tuple(value), ui
+    """Declared inputs (links replaced by the linked outputs) and the hidden PROMPT, EXTRA_PNGINFO, UNIQUE_ID."""
+    declared = {name for name, _, _ in declared_inputs(cls)}
+    kwargs = {k: results[str(v[0])][v[1]] if isinstance(v, list) else v
+              for k, v in prompt[node_id].get("inputs", {}).items() if k in declared}
+    hidden = {"PROMPT": prompt, "EXTRA_PNGINFO": extra_pnginfo, "UNIQUE_ID": node_id}
+    return {**kwargs, **{name: hidden.get(kind) for name, kind in cls.INPUT_TYPES().get("hidden", {}).items()}}
 
 
 def execute_prompt(prompt: Prompt, registry: Registry, outputs: list[str],
@@ -456,19 +386,17 @@ def execute_prompt(prompt: Prompt, registry: Registry, outputs: list[str],
     ui: dict[str, dict] = {}
     with torch.inference_mode():
         for node_id in execution_order(prompt, outputs):
-            class_type = prompt[node_id]["class_type"]
-            cls = registry[class_type]
-            if getattr(cls, "INPUT_IS_LIST", False) or any(getattr(cls, "OUTPUT_IS_LIST", ()) or ()):
-                raise ValueError(f"node {node_id} ({class_type}) uses list inputs/outputs, which zeroconv run "
-                                 "does not support; run the workflow in ComfyUI")
-            logger.info("running node %s (%s)", node_id, class_type)
+            cls = registry[prompt[node_id]["class_type"]]
+            logger.info("running node %s (%s)", node_id, prompt[node_id]["class_type"])
             try:
                 value = getattr(cls(), cls.FUNCTION)(**_call_inputs(node_id, cls, prompt, results, extra_pnginfo))
-                if inspect.iscoroutine(value):
-                    value = asyncio.run(value)
             except Exception as exc:
-                raise NodeExecutionError(node_id, class_type, exc) from exc
-            results[node_id], node_ui = _split_result(value, cls, node_id)
-            if node_ui:
-                ui[node_id] = node_ui
-    return ExecutionResult(ui, results)
+                raise NodeExecutionError(node_id, prompt[node_id]["class_type"], exc) from exc
+            if isinstance(value, dict):  # {'ui': ..., 'result': ...}
+                value, ui[node_id] = value.get("result", ()), value.get("ui")
+            value = () if value is None else value
+            if not isinstance(value, (tuple, list)) or len(value) != len(cls.RETURN_TYPES):
+                raise ValueError(f"node {node_id} ({cls.__name__}) must return a tuple of {len(cls.RETURN_TYPES)} "
+                                 f"values ({cls.RETURN_TYPES}), got {type(value).__name__}")
+            results[node_id] = tuple(value)
+    return ExecutionResult({k: v for k, v in ui.items() if v}, results)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import random
 import string
+from types import SimpleNamespace
 from typing import Any
 
 import torch
@@ -57,13 +58,6 @@ class DiscreteSampling:
         return x / (sigma.view(-1, *([1] * (x.ndim - 1))) ** 2 + 1.0) ** 0.5
 
 
-class _Model:
-    """What pre_run receives: a base with its model_sampling (and its U-Net as diffusion_model, for family checks)."""
-
-    def __init__(self, base: Any):
-        self.diffusion_model, self.model_sampling = base.unet, DiscreteSampling(base.schedule)
-
-
 def _controls(*conditionings: list) -> list:
     seen: dict[int, Any] = {}
     for conditioning in conditionings:
@@ -77,7 +71,8 @@ def sample(base: Any, seed: int, steps: int, cfg: float, positive: list, negativ
            latent: torch.Tensor) -> torch.Tensor:
     """Unscaled latents from noise: DDIM with CFG; cond and uncond share one U-Net call when they share a control."""
     schedule, device = base.schedule, next(base.unet.parameters()).device
-    model = _Model(base)
+    # what pre_run receives: the model_sampling, and the U-Net as diffusion_model (for family checks)
+    model = SimpleNamespace(diffusion_model=base.unet, model_sampling=DiscreteSampling(base.schedule))
     ms, ac = model.model_sampling, schedule.alphas_cumprod.to(device)
     noise = torch.randn(latent.shape, generator=torch.Generator().manual_seed(seed)).to(device)
     chunks = [(positive[0], 0)] if cfg == 1.0 else [(negative[0], 1), (positive[0], 0)]  # ComfyUI's order

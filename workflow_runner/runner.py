@@ -11,7 +11,7 @@ import json
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Mapping
+from typing import Any, Mapping
 
 from ..nodes.host import comfyui_root, folders
 from . import files
@@ -38,10 +38,6 @@ class RunResult:
     execution: ExecutionResult
     saved: list[Path] = field(default_factory=list)
 
-    @property
-    def ui(self) -> dict[str, dict]:
-        return self.execution.ui
-
 
 def _written_files(ui: dict[str, dict], where: dict[str, Path]) -> list[Path]:
     return [where[item["type"]] / item.get("subfolder", "") / item["filename"]
@@ -49,14 +45,19 @@ def _written_files(ui: dict[str, dict], where: dict[str, Path]) -> list[Path]:
             if isinstance(item, dict) and item.get("type") in where and "filename" in item]
 
 
-def _choose_host(host: str) -> Path | None:
-    """The ComfyUI root to run in, or None to run offline."""
+def _comfyui(host: str, registry: Mapping[str, type] | None, device: str) -> Any:
+    """nodes.host.comfyui entered for this run, or None to run offline (a given registry always runs offline)."""
     if host not in HOSTS:
         raise ValueError(f"host {host!r}: choose one of {HOSTS}")
-    root = comfyui_root() if host != "zeroconv" else None
-    if host == "comfyui" and root is None:
+    root = comfyui_root() if host != "zeroconv" and registry is None else None
+    if host == "comfyui" and registry is None and root is None:
         raise ValueError("no ComfyUI found: install the pack in ComfyUI/custom_nodes or set COMFYUI_PATH")
-    return root
+    if root is None:
+        return None
+    from ..nodes.host import comfyui
+
+    comfyui.enter(root, device)
+    return comfyui
 
 
 def run_prompt(prompt: Prompt, paths: files.HostPaths, registry: Mapping[str, type] | None = None,
@@ -66,11 +67,8 @@ def run_prompt(prompt: Prompt, paths: files.HostPaths, registry: Mapping[str, ty
     prompt = apply_overrides(prompt, list(overrides))
     check_structure(prompt)
     extra_pnginfo = {"workflow": workflow} if workflow is not None else None
-    root = None if registry is not None else _choose_host(host)
-    if root is not None:
-        from ..nodes.host import comfyui
-
-        comfyui.enter(root, paths.device)
+    comfyui = _comfyui(host, registry, paths.device)
+    if comfyui is not None:
         comfyui.use_folders(list(paths.models_dirs), paths.controlnet_dir, paths.input_dir, paths.output_dir)
         ui, node_errors, error = comfyui.run_prompt(prompt, extra_pnginfo)
         if node_errors is not None:
@@ -95,18 +93,11 @@ def run_workflow(path: str | Path, paths: files.HostPaths | None = None, registr
     """
     path = Path(path)
     paths = paths or files.HostPaths(base_dir=path.resolve().parent)
-    root = None if registry is not None else _choose_host(host)
-    if root is not None:
-        from ..nodes.host import comfyui
-
-        comfyui.enter(root, paths.device)
-        registry = comfyui.node_classes()
+    comfyui = _comfyui(host, registry, paths.device)
     with files.using(paths), folders.extra_folders(controlnet=paths.search_dirs("controlnet")):
-        prompt, workflow = load_workflow(path, registry or default_registry())
+        prompt, workflow = load_workflow(path, comfyui.node_classes() if comfyui else registry or default_registry())
     logger.debug("API prompt: %s", json.dumps(prompt, default=str))
-    if root is not None:
-        return run_prompt(prompt, paths, None, workflow, overrides, host="comfyui")
-    return run_prompt(prompt, paths, registry, workflow, overrides)
+    return run_prompt(prompt, paths, registry, workflow, overrides, host="comfyui" if comfyui else "zeroconv")
 
 
 __all__ = ["RunResult", "default_registry", "run_prompt", "run_workflow"]

@@ -42,7 +42,7 @@ BODY = textwrap.dedent("""
     from comfy.model_patcher import ModelPatcher
     from zeroconv_pack.controlnet_model import ControlNet, preset
     from zeroconv_pack.controlnet_model.checkpoint import save_controlnet
-    from zeroconv_pack.nodes.comfy_adapter import ZeroConvControl
+    from zeroconv_pack.nodes.host.control import ZeroConvControl
     N = pack.NODE_CLASS_MAPPINGS
 
     def randomised(module, std, seed):

@@ -16,7 +16,7 @@ from __future__ import annotations
 import json
 import textwrap
 
-from .comfyui_host import REQUIRES_COMFYUI, run_in_comfyui
+from .comfyui_host import RANDOMIZE, REQUIRES_COMFYUI, run_in_comfyui
 
 pytestmark = REQUIRES_COMFYUI
 
@@ -33,13 +33,6 @@ SCRIPT = textwrap.dedent("""
     from zeroconv_pack.controlnet_model.checkpoint import save_controlnet
     N = pack.NODE_CLASS_MAPPINGS
 
-    def randomised(module, std, seed):
-        gen = torch.Generator().manual_seed(seed)
-        with torch.no_grad():
-            for p in module.parameters():
-                p.copy_(torch.randn(p.shape, generator=gen) * std)
-        return module
-
     def model_of(kind, extra):
         unet_config = dict(image_size=32, in_channels=4, model_channels=320, out_channels=4, num_res_blocks=1,
                            channel_mult=[1, 2], use_spatial_transformer=True, transformer_depth=[1, 1],
@@ -48,15 +41,15 @@ SCRIPT = textwrap.dedent("""
         conf = kind(unet_config)
         conf.set_inference_dtype(torch.float32, None)
         base = conf.get_model({})
-        randomised(base.diffusion_model, 0.02, 0)
+        randomize(base.diffusion_model, 0.02, 0)
         return ModelPatcher(base, load_device=mm.get_torch_device(), offload_device=mm.unet_offload_device())
 
     model = model_of(comfy.supported_models.SD15, dict(context_dim=768, use_linear_in_transformer=False))
     cfg = ControlNetConfig(family="SD1.x", model_channels=320, channel_mult=(1, 2), num_res_blocks=1,
                            transformer_depth=(1, 1), transformer_depth_middle=1, context_dim=768, num_heads=8)
     folder = Path(tempfile.mkdtemp())
-    save_controlnet(randomised(ControlNet(cfg), 0.03, 1), folder / "cn.safetensors")
-    save_controlnet(randomised(ControlNet(cfg), 0.03, 2), folder / "cn2.safetensors")
+    save_controlnet(randomize(ControlNet(cfg), 0.03, 1), folder / "cn.safetensors")
+    save_controlnet(randomize(ControlNet(cfg), 0.03, 2), folder / "cn2.safetensors")
     folder_paths.add_model_folder_path("controlnet", str(folder))
 
     core_cn = nodes.ControlNetLoader().load_controlnet("cn.safetensors")[0]
@@ -125,7 +118,7 @@ SCRIPT = textwrap.dedent("""
 
 
 def test_our_nodes_match_core_in_comfyui() -> None:
-    report = run_in_comfyui(SCRIPT, timeout=900)
+    report = run_in_comfyui(RANDOMIZE + SCRIPT, timeout=900)
     print(json.dumps(report, indent=1))
     tolerance = 1e-5 * report["scale"]
     assert report["control_effect"] > 1e-3 * report["scale"], "the control must change the result"

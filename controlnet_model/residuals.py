@@ -469,9 +469,9 @@ def _no_types(name: str, what: str, conditions: Sequence[HostCondition]) -> None
 @dataclass(frozen=True)
 class ControlKind:
     """How one family of control models runs under a host sampler: `prepare` once per latent shape of a run
-    (fit, broadcast, encode the hint; `conditions` are a Union's (type, image, scale); `unet_config` the sampled
-    U-Net's, where an adapter's features go), `residuals` at every
-    model call (a host control dict or None), `check` once per run against the sampled U-Net's config."""
+    (fit, broadcast, encode the hint; it takes the host inputs named in `host_inputs`), `residuals` at every model
+    call (a host control dict or None), `check` once per run against the sampled U-Net's config (None for
+    transformer ControlNets, whose family the host checks)."""
 
     # (model, image, settings, fit, latent, batched_number, name, **{name: host input for name in host_inputs})
     prepare: Callable[..., Any]

@@ -5,7 +5,6 @@ back; learned annotators get their model through HostModels (ComfyUI's model man
 """
 from __future__ import annotations
 
-import json
 from typing import Any
 
 import numpy as np

@@ -5,7 +5,6 @@ import logging
 import os
 import shutil
 from pathlib import Path
-from typing import Any
 
 from .common import CATEGORY
 from .host import folders

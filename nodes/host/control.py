@@ -29,7 +29,7 @@ from ...controlnet_model.config import FAMILY_BY_CONTEXT_DIM, ControlNetConfig
 from ...controlnet_model.dit_control import dit_format_of
 from ...controlnet_model.hint import HintFit, fit_to_latent
 from ...controlnet_model.network import ControlNet
-from ...controlnet_model.residuals import (MODE_RULES, ControlMode, ControlSettings, ControlUnit, HostStep,
+from ...controlnet_model.residuals import (MODE_RULES, ControlMode, ControlSettings, HostStep,
                                            as_host_dict, as_residuals, broadcast_batch, cond_rows, control_kind,
                                            merge_controls, progress_at, scale_output)
 from ...controlnet_model.t2i_adapter import T2IAdapter

@@ -36,6 +36,7 @@ from .network import ControlNet
 from .t2i_adapter import AdapterConfig, AdapterKind, T2IAdapter
 from .union import UnionConfig, UnionControlNet, is_union_config
 from .safetensors_io import WeightFile, check_finite, constant, open_weights, read_state_dict
+from .skeleton import skeleton
 
 if TYPE_CHECKING:
     from .dit_checkpoint import LoadedDiTControlNet
@@ -587,8 +588,7 @@ def expected_state(config: ControlNetConfig) -> dict[str, torch.Tensor]:
 @functools.lru_cache(maxsize=16)
 def _expected_state(config: ControlNetConfig, union: tuple | None) -> dict[str, torch.Tensor]:
     # `union` is in the key because ControlNetConfig's hash and == leave `extra` out
-    with torch.device("meta"):
-        return dict(network_class(config)(config).state_dict())
+    return dict(skeleton(lambda: network_class(config)(config)).state_dict())
 
 
 def check_fits(shapes: Mapping[str, torch.Tensor], config: ControlNetConfig, what: str) -> dict[str, torch.Tensor]:
@@ -616,11 +616,11 @@ def _build(config: ControlNetConfig, plan: Plan, file: Path, dtype: torch.dtype,
            self_contained: bool = True) -> ControlNet:
     """Check every key and shape, then read the tensors one at a time into `dtype` on `device` (strict); refuse
     NaN/inf weights (a file without a base model is checked once per dtype, then remembered)."""
-    expected = check_fits({k: s.meta for k, s in plan.items()}, config, str(file))
+    model = skeleton(lambda: network_class(config)(config))
+    expected = model.state_dict()
+    check_names_and_shapes({k: s.meta for k, s in plan.items()}, expected, str(file), config.family)
     tensors = {key: plan[key].load().to(device=device, dtype=dtype) for key in expected}  # one at a time
     check_finite(tensors, file, dtype, self_contained)  # after the cast, on the device: fp32 -> fp16 overflow too
-    with torch.device("meta"):
-        model = network_class(config)(config)
     model.load_state_dict(tensors, strict=True, assign=True)
     return model.eval()
 
@@ -741,8 +741,8 @@ def load_t2i_adapter(path: str | Path, *, dtype: torch.dtype | None = None,
     renamed = _t2i_original_names(names, weights.path) if diffusers else names
     plan = _renamed(weights, renamed, km.T2I_ORIGINAL_RULES)
     config = _t2i_config({k: s.meta for k, s in plan.items()}, raw, weights.path)
-    with torch.device("meta"):
-        expected = dict(T2IAdapter(config).state_dict())
+    model = skeleton(lambda: T2IAdapter(config))
+    expected = model.state_dict()
     what = f"{weights.path} (read as a {config.kind.value} T2I-Adapter)"
     unexpected, missing = sorted(set(plan) - set(expected)), sorted(set(expected) - set(plan))
     if unexpected or missing:
@@ -754,8 +754,6 @@ def load_t2i_adapter(path: str | Path, *, dtype: torch.dtype | None = None,
         raise ValueError(f"{what}: {len(wrong)} tensors have the wrong shape, e.g. {wrong[:5]}")
     target_dtype = dtype or _file_dtype(weights)
     tensors = {k: plan[k].load().to(device=device, dtype=target_dtype) for k in expected}
-    with torch.device("meta"):
-        model = T2IAdapter(config)
     model.load_state_dict(tensors, strict=True, assign=True)
     logger.info("loaded %s (T2I-Adapter %s)", path.name, config.kind.value)
     return LoadedAdapter(model.eval(), config, fmt, "diffusers" if diffusers else "original", path)

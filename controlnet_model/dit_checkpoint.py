@@ -24,6 +24,7 @@ from .dit_control import DIT_FORMATS, DiTFormatSpec, spec_of
 from .flux_controlnet import FluxControlNet, FluxControlNetConfig, HintInput
 from .safetensors_io import WeightFile, open_weights
 from .sd3_controlnet import SD35ControlNet, SD3ControlNet, SD3ControlNetConfig
+from .skeleton import skeleton
 
 FLOAT8 = frozenset({torch.float8_e4m3fn, torch.float8_e5m2})
 Loader = Callable[[], torch.Tensor]
@@ -77,8 +78,7 @@ def load_dit_controlnet(path: str | Path, *, dtype: torch.dtype | None = None,
     else:
         config = infer_sd3_config(shapes, sidecar, weights.path)
         build = functools.partial(SD3ControlNet, config)
-    with torch.device("meta"):
-        model = build()
+    model = skeleton(build)
     check_names_and_shapes(shapes, model.state_dict(), str(weights.path), f"{fmt.value} ({type(config).__name__})")
     dtype = dtype or _file_dtype(shapes)
     tensors = {k: load().to(device=device, dtype=dtype) for k, (_, load) in plan.items()}  # one at a time

@@ -22,6 +22,7 @@ from torch import nn
 from ..controlnet_model.config import PredictionType, check_compatible
 from ..controlnet_model.network import ControlNet, ControlNetOutput
 from ..controlnet_model.unet import UNetModel
+from ..controlnet_model.skeleton import skeleton
 from . import distributed as dist_util
 from .base import LockedBase, load_base
 from .encode import encode_captions, encode_latents, latents_from_moments
@@ -344,8 +345,7 @@ def export_controlnet(run: Run, weights: dict[str, torch.Tensor]) -> ControlNet:
     Union (its class from the config, not from the possibly wrapped training module)."""
     from ..controlnet_model.checkpoint import network_class
 
-    with torch.device("meta"):
-        model = network_class(run.controlnet.config)(run.controlnet.config)
+    model = skeleton(lambda: network_class(run.controlnet.config)(run.controlnet.config))
     model.load_state_dict(weights, strict=True, assign=True)
     return model
 

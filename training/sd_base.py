@@ -20,6 +20,7 @@ from ..controlnet_model.blocks import timestep_embedding
 from ..controlnet_model.checkpoint import infer_ldm_config
 from ..controlnet_model.config import ControlNetConfig, PredictionType
 from ..controlnet_model.safetensors_io import SAFETENSORS_SUFFIXES
+from ..controlnet_model.skeleton import skeleton
 from ..controlnet_model.unet import UNetModel
 from .base import TextConditioning
 from .schedule import NoiseSchedule
@@ -168,8 +169,7 @@ def load_sd_base(path: str | Path, device: str | torch.device = "cpu", dtype: to
                        "use a full single-file checkpoint")
     extra = json.loads(meta.get("zeroconv_base", "{}"))  # tiny test files record what shapes cannot tell
     unet_cfg = ControlNetConfig.from_dict(extra["unet"]) if "unet" in extra else infer_unet_config(unet_state, family)
-    with torch.device("meta"):
-        unet, vae = UNetModel(unet_cfg), AutoencoderKL(vae_config_from_state(vae_state))
+    unet, vae = skeleton(lambda: UNetModel(unet_cfg)), skeleton(lambda: AutoencoderKL(vae_config_from_state(vae_state)))
     _strict(unet, unet_state, "U-Net", path)
     _strict(vae, vae_state, "VAE", path)
     heads = extra.get("text_heads", [None] * len(TEXT_ENCODERS[family]))

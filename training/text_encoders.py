@@ -14,6 +14,8 @@ from typing import Mapping
 import torch
 from torch import nn
 
+from ..controlnet_model.skeleton import skeleton
+
 EOT_TOKEN = 49407
 
 
@@ -166,11 +168,10 @@ def build_text_encoder(spec: TextEncoderSpec, state: Mapping[str, torch.Tensor],
     if not spec.pooled:
         tower_state.pop("text_projection", None)
     mlp = tower_state["transformer.resblocks.0.mlp.c_fc.weight"].shape[0] / width
-    with torch.device("meta"):
-        encoder = FrozenTextEncoder(spec, width, layers, heads or max(1, width // 64),
-                                    tower_state["positional_embedding"].shape[0],
-                                    tower_state["token_embedding.weight"].shape[0], mlp,
-                                    None if proj is None else proj.shape[1])
+    encoder = skeleton(lambda: FrozenTextEncoder(spec, width, layers, heads or max(1, width // 64),
+                                                 tower_state["positional_embedding"].shape[0],
+                                                 tower_state["token_embedding.weight"].shape[0], mlp,
+                                                 None if proj is None else proj.shape[1]))
     expected = set(encoder.tower.state_dict())
     missing, unexpected = sorted(expected - set(tower_state)), sorted(set(tower_state) - expected)
     if missing or unexpected:

@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from ..weights import reading, resolve_weight
+from ...controlnet_model.skeleton import skeleton
 
 logger = logging.getLogger(__name__)
 
@@ -76,8 +77,7 @@ def build(factory: Callable[[], nn.Module], filename: str, device: str | torch.d
 def load_file(factory: Callable[[], nn.Module], path: Path | str, device: str | torch.device = "cpu") -> nn.Module:
     """The net from `factory` with the weights in `path` (strict), in eval mode, fp32, on `device`."""
     path = Path(path)
-    with torch.device("meta"):  # no random init of weights about to be replaced
-        net = factory()
+    net = skeleton(factory)  # no random init of weights about to be replaced
     with reading(path):
         state_dict = read_state_dict(path)
     net = load_strict(net, state_dict, path.name, assign=True)

@@ -1,4 +1,5 @@
-"""Tiny random SD1.x / SD2.x / SDXL single files in the real key layouts, for tests and CPU smoke runs.
+"""Tiny random SD1.x / SD2.x / SDXL single files in the real key layouts, for tests and CPU smoke runs
+(examples/train_tiny_cpu.toml).
 
 Same prefixes and key names as the released checkpoints (U-Net `model.diffusion_model.`, VAE `first_stage_model.`,
 text encoders in the Hugging Face or open_clip layout); widths are tiny, so a training step takes milliseconds.
@@ -12,10 +13,11 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..controlnet_model.config import preset
-from ..controlnet_model.unet import UNetModel
-from .text_encoders import TEXT_ENCODERS, FrozenTextEncoder, open_clip_to_hf
-from .vae import AutoencoderKL, VAEConfig
+from zeroconv.controlnet_model.atomic import atomic_save_safetensors
+from zeroconv.controlnet_model.config import preset
+from zeroconv.controlnet_model.unet import UNetModel
+from zeroconv.training.text_encoders import TEXT_ENCODERS, FrozenTextEncoder, open_clip_to_hf
+from zeroconv.training.vae import AutoencoderKL, VAEConfig
 
 TINY_VAE = VAEConfig(ch=32, ch_mult=(1, 1, 1, 1), num_res_blocks=1, z_channels=4, embed_dim=4)
 # family -> (U-Net preset, [(text width, layers, heads, projection dim or None) per encoder])
@@ -66,8 +68,6 @@ def tiny_sd_state(family: str = "SD1.x", seed: int = 0) -> tuple[dict[str, torch
 def write_tiny_sd_checkpoint(path: str | Path, family: str = "SD1.x", seed: int = 0,
                              prediction_type: str = "epsilon") -> Path:
     """Write a tiny `.safetensors` base (and an LDM `.yaml` with parameterization "v" for v_prediction)."""
-    from ..controlnet_model.atomic import atomic_save_safetensors
-
     path = Path(path)
     state, meta = tiny_sd_state(family, seed)
     atomic_save_safetensors(state, path, meta)

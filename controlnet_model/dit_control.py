@@ -119,10 +119,6 @@ class TokenResiduals:
 
         return TokenResiduals(merge(self.input, other.input), merge(self.output, other.output))
 
-    def as_dict(self) -> dict[str, list[torch.Tensor | None]]:
-        """The host's control dict {'input': [...], 'output': [...]} (new lists; nothing of ours is shared)."""
-        return {"input": list(self.input), "output": list(self.output)}
-
 
 def spec_of(fmt: str) -> DiTFormatSpec:
     if fmt not in DIT_FORMATS:
@@ -250,18 +246,6 @@ def run_dit_control(unit: DiTControlUnit, x: torch.Tensor, timesteps: torch.Tens
     residuals = to_host(unit.format, out, depth, unit.host_double, unit.host_single)
     mask = None if settings.mask is None else mask_to_tokens(settings.mask, tuple(x.shape[-2:]))
     return scale_tokens(residuals, strength, mask)
-
-
-def compute_dit_residuals(units: Sequence[DiTControlUnit], x: torch.Tensor, timesteps: torch.Tensor,
-                          context: torch.Tensor, y: torch.Tensor | None = None, guidance: torch.Tensor | None = None,
-                          percent: float = 0.0) -> TokenResiduals | None:
-    """Sum of several transformer ControlNets' residuals at one step (paper §3: composition by addition)."""
-    total: TokenResiduals | None = None
-    for unit in units:
-        out = run_dit_control(unit, x, timesteps, context, y, guidance, percent)
-        if out is not None:
-            total = out if total is None else total + out
-    return total
 
 
 # ---- under a host sampler (the ControlKind entries of these model classes) ---------------------------------

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Mapping
 
 import torch
 from torch import nn
@@ -16,7 +17,8 @@ from torch import nn
 from zeroconv.controlnet_model.atomic import atomic_save_safetensors
 from zeroconv.controlnet_model.config import preset
 from zeroconv.controlnet_model.unet import UNetModel
-from zeroconv.training.text_encoders import TEXT_ENCODERS, FrozenTextEncoder, open_clip_to_hf
+from zeroconv.training.text_encoders import (HF_FUSED_QKV, HF_TO_OPEN_CLIP, PARAMS, TEXT_ENCODERS, FrozenTextEncoder,
+                                             count_layers)
 from zeroconv.training.vae import AutoencoderKL, VAEConfig
 
 TINY_VAE = VAEConfig(ch=32, ch_mult=(1, 1, 1, 1), num_res_blocks=1, z_channels=4, embed_dim=4)
@@ -34,6 +36,21 @@ def _randomize(module: nn.Module, generator: torch.Generator, std: float) -> Non
     with torch.no_grad():
         for p in module.parameters():
             p.copy_(torch.randn(p.shape, generator=generator) * std)
+
+
+def open_clip_to_hf(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The inverse of training.text_encoders.hf_to_open_clip (for writing files in the Hugging Face layout)."""
+    layers = count_layers(state, "transformer.resblocks.{i}.ln_1.weight")
+    out = {}
+    for i in range(layers):
+        for p in PARAMS:
+            for key, part in zip(HF_FUSED_QKV[0], state[HF_FUSED_QKV[1].format(i=i, p=p)].chunk(3)):
+                out[key.format(i=i, p=p)] = part.clone()
+    for src, dst in HF_TO_OPEN_CLIP:
+        for i in range(layers) if "{i}" in src else [0]:
+            for p in PARAMS if "{p}" in src else [""]:
+                out[src.format(i=i, p=p)] = state[dst.format(i=i, p=p)]
+    return out
 
 
 def tiny_sd_state(family: str = "SD1.x", seed: int = 0) -> tuple[dict[str, torch.Tensor], dict[str, str]]:

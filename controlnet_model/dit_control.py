@@ -8,7 +8,7 @@ per format, what ComfyUI comfy/ldm/flux/controlnet.py, comfy/cldm/mmdit.py and c
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 import torch
@@ -291,7 +291,7 @@ def prepare_dit(controlnet: nn.Module, image: torch.Tensor, settings: ControlSet
     base's VAE (`vae_encode`: pixels (B, 3, H, W) in [0, 1] -> raw latent), scaled as the format expects and, for
     17-channel (inpaint) files, given an all-ones keep mask; then broadcast to the batch, as is the mask."""
     from .hint import fit_to_latent
-    from .residuals import broadcast_batch
+    from .residuals import broadcast_batch, broadcast_mask
     from .sd3_controlnet import SD35_CONTROL_TYPES
 
     fmt, cfg = dit_format_of(controlnet), controlnet.config
@@ -309,10 +309,7 @@ def prepare_dit(controlnet: nn.Module, image: torch.Tensor, settings: ControlSet
             raw = vae_encode(hint).float()
         hint = latent_hint(fmt, raw.to(latent.device), channels=channels)
     hint = broadcast_batch(hint.to(device), latent.shape[0], batched_number, f"{name}'s control image")
-    if settings.mask is not None:
-        settings = replace(settings, mask=broadcast_batch(settings.mask.to(device), latent.shape[0], batched_number,
-                                                          f"{name}'s mask"))
-    return DiTControlUnit(controlnet, fmt, hint, mode, settings)
+    return DiTControlUnit(controlnet, fmt, hint, mode, broadcast_mask(settings, device, latent, batched_number, name))
 
 
 def dit_residuals(unit: DiTControlUnit, step: Any) -> dict | None:

@@ -122,7 +122,7 @@ def save_grid(hints: torch.Tensor, samples: torch.Tensor, columns: int, path: Pa
     """One row per condition: the condition, then one sample per prompt; written as PNG."""
     from PIL import Image
 
-    from .state import atomic_write
+    from ..controlnet_model.atomic import atomic_write
 
     n, _, h, w = hints.shape
     canvas = np.zeros((n * h, (columns + 1) * w, 3), np.uint8)
@@ -139,7 +139,7 @@ def plot_curves(losses: list[float], fidelity: list[tuple[int, float]], path: Pa
     """Loss per step (raw and smoothed) and, below it, condition fidelity per validation, drawn with PIL."""
     from PIL import Image, ImageDraw
 
-    from .state import atomic_write
+    from ..controlnet_model.atomic import atomic_write
 
     panels = [("loss", list(enumerate(losses, start=1)), _smooth(losses))]
     if fidelity:

@@ -34,16 +34,16 @@ class ValidationSet:
 def build_validation_set(conditions: tuple[str, ...], prompts: tuple[str, ...], dataset: Any, count: int,
                          resolution: int) -> ValidationSet:
     """The configured condition images, else the conditions of the first `count` data rows (centre crop)."""
-    from .data import _resize_short, load_rgb
+    from .config import Crop
+    from .data import load_rgb, resize_and_crop
 
     if conditions:
         hints = []
         for path in conditions:
             if not Path(path).is_file():
                 raise FileNotFoundError(f"validation condition {path} does not exist; fix validation_conditions")
-            image = _resize_short(load_rgb(Path(path), "validation_conditions", "condition"), resolution)
-            top, left = (image.shape[0] - resolution) // 2, (image.shape[1] - resolution) // 2
-            crop = image[top:top + resolution, left:left + resolution]
+            image = load_rgb(Path(path), "validation_conditions", "condition")
+            crop, _ = resize_and_crop(image, resolution, Crop.CENTER, None)
             hints.append(torch.from_numpy(np.ascontiguousarray(crop)).permute(2, 0, 1).float() / 255.0)
         hint = torch.stack(hints)
     else:

@@ -99,14 +99,6 @@ def resolve_device(spec: AnnotatorSpec, device: str | None) -> tuple[str, bool]:
     return device, spec.batch_fn is not None
 
 
-def _as_batch(image: np.ndarray) -> tuple[np.ndarray, bool]:
-    if image.ndim in (2, 3):
-        return hwc3(image)[None], True
-    if image.ndim == 4:
-        return np.stack([hwc3(im) for im in image]), False
-    raise ValueError(f"annotate takes an HWC image or an (N, H, W, C) batch, got shape {image.shape}")
-
-
 def _output_hw(height: int, width: int, output_size: int | tuple[int, int] | None) -> tuple[int, int]:
     if output_size is None:
         return height, width
@@ -159,11 +151,12 @@ def annotate_with_keypoints(name: str, image: np.ndarray, *, detect_resolution: 
     check_image(image)
     if image.ndim not in (2, 3, 4):
         raise ValueError(f"annotate takes an HWC image or an (N, H, W, C) batch, got shape {image.shape}")
-    height, width = image.shape[1:3] if image.ndim == 4 else image.shape[:2]
-    count = image.shape[0] if image.ndim == 4 else 1
+    single = image.ndim != 4
+    images = image[None] if single else image
+    count, height, width = images.shape[:3]
     out_hw = _output_hw(height, width, output_size)
     check_sizes(height, width, count, None if spec.at_output_size else detect_resolution, out_hw)
-    batch, single = _as_batch(image)
+    batch = np.stack([hwc3(im) for im in images])
     if spec.at_output_size:
         batch = np.stack([resize(im, *out_hw) for im in batch])
         detect_resolution = None

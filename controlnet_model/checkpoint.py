@@ -706,14 +706,6 @@ def load_control_cached(path: str | Path, dtype: torch.dtype | None = None) -> "
     return _cached(str(Path(path).resolve()), stat.st_mtime, stat.st_size, dtype)
 
 
-def load_controlnet_cached(path: str | Path, dtype: torch.dtype | None = None) -> LoadedControlNet:
-    """load_controlnet, reused while the file is unchanged (same path, mtime and size)."""
-    loaded = load_control_cached(path, dtype)
-    if isinstance(loaded, LoadedAdapter):
-        raise ValueError(f"{path} is a T2I-Adapter, not a ControlNet: load it with load_control")
-    return loaded
-
-
 # ---- T2I-Adapters -----------------------------------------------------------------------------------------
 @dataclass
 class LoadedAdapter:

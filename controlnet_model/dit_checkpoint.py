@@ -17,8 +17,8 @@ import torch
 from torch import nn
 
 from . import keymaps as km
-from .checkpoint import (CheckpointFormat, _count, _strip_wrappers, apply_rules, check_names_and_shapes,
-                         detect_format)
+from .checkpoint import (CheckpointFormat, _count, _file_dtype, _strip_wrappers, apply_rules,
+                         check_names_and_shapes, detect_format)
 from .diffusers_format import read_config_json
 from .dit_control import DIT_FORMATS, DiTFormatSpec, spec_of
 from .flux_controlnet import FluxControlNet, FluxControlNetConfig, HintInput
@@ -80,7 +80,8 @@ def load_dit_controlnet(path: str | Path, *, dtype: torch.dtype | None = None,
         build = functools.partial(SD3ControlNet, config)
     model = skeleton(build)
     check_names_and_shapes(shapes, model.state_dict(), str(weights.path), f"{fmt.value} ({type(config).__name__})")
-    dtype = dtype or _file_dtype(shapes)
+    stored = _file_dtype(weights)  # float8 storage is cast up to bfloat16
+    dtype = dtype or (torch.bfloat16 if stored in FLOAT8 else stored)
     tensors = {k: load().to(device=device, dtype=dtype) for k, (_, load) in plan.items()}  # one at a time
     model.load_state_dict(tensors, strict=True, assign=True)
     return LoadedDiTControlNet(model.eval(), config, fmt, Path(path))
@@ -128,16 +129,6 @@ def _sidecar(file: Path) -> dict[str, Any]:
     if not file.name.startswith("diffusion_pytorch_model"):
         return {}
     return read_config_json(file.parent / km.DIFFUSERS_CONFIG_NAME)
-
-
-def _file_dtype(shapes: Mapping[str, torch.Tensor]) -> torch.dtype:
-    """The floating dtype holding most elements; float8 storage is cast up to bfloat16."""
-    counts: dict[torch.dtype, int] = {}
-    for t in shapes.values():
-        if t.is_floating_point():
-            counts[t.dtype] = counts.get(t.dtype, 0) + t.numel()
-    dtype = max(counts, key=counts.__getitem__) if counts else torch.float32
-    return torch.bfloat16 if dtype in FLOAT8 else dtype
 
 
 # ---- architecture from the shapes --------------------------------------------------------------------------

@@ -8,7 +8,7 @@ per format, what ComfyUI comfy/ldm/flux/controlnet.py, comfy/cldm/mmdit.py and c
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 import torch
@@ -118,10 +118,6 @@ class TokenResiduals:
             return tuple(out)
 
         return TokenResiduals(merge(self.input, other.input), merge(self.output, other.output))
-
-    def as_dict(self) -> dict[str, list[torch.Tensor | None]]:
-        """The host's control dict {'input': [...], 'output': [...]} (new lists; nothing of ours is shared)."""
-        return {"input": list(self.input), "output": list(self.output)}
 
 
 def spec_of(fmt: str) -> DiTFormatSpec:
@@ -252,18 +248,6 @@ def run_dit_control(unit: DiTControlUnit, x: torch.Tensor, timesteps: torch.Tens
     return scale_tokens(residuals, strength, mask)
 
 
-def compute_dit_residuals(units: Sequence[DiTControlUnit], x: torch.Tensor, timesteps: torch.Tensor,
-                          context: torch.Tensor, y: torch.Tensor | None = None, guidance: torch.Tensor | None = None,
-                          percent: float = 0.0) -> TokenResiduals | None:
-    """Sum of several transformer ControlNets' residuals at one step (paper §3: composition by addition)."""
-    total: TokenResiduals | None = None
-    for unit in units:
-        out = run_dit_control(unit, x, timesteps, context, y, guidance, percent)
-        if out is not None:
-            total = out if total is None else total + out
-    return total
-
-
 # ---- under a host sampler (the ControlKind entries of these model classes) ---------------------------------
 def dit_format_of(controlnet: nn.Module) -> str | None:
     """The DIT_FORMATS key of a loaded transformer ControlNet module (None for any other module)."""
@@ -307,7 +291,7 @@ def prepare_dit(controlnet: nn.Module, image: torch.Tensor, settings: ControlSet
     base's VAE (`vae_encode`: pixels (B, 3, H, W) in [0, 1] -> raw latent), scaled as the format expects and, for
     17-channel (inpaint) files, given an all-ones keep mask; then broadcast to the batch, as is the mask."""
     from .hint import fit_to_latent
-    from .residuals import broadcast_batch
+    from .residuals import broadcast_batch, broadcast_mask
     from .sd3_controlnet import SD35_CONTROL_TYPES
 
     fmt, cfg = dit_format_of(controlnet), controlnet.config
@@ -325,10 +309,7 @@ def prepare_dit(controlnet: nn.Module, image: torch.Tensor, settings: ControlSet
             raw = vae_encode(hint).float()
         hint = latent_hint(fmt, raw.to(latent.device), channels=channels)
     hint = broadcast_batch(hint.to(device), latent.shape[0], batched_number, f"{name}'s control image")
-    if settings.mask is not None:
-        settings = replace(settings, mask=broadcast_batch(settings.mask.to(device), latent.shape[0], batched_number,
-                                                          f"{name}'s mask"))
-    return DiTControlUnit(controlnet, fmt, hint, mode, settings)
+    return DiTControlUnit(controlnet, fmt, hint, mode, broadcast_mask(settings, device, latent, batched_number, name))
 
 
 def dit_residuals(unit: DiTControlUnit, step: Any) -> dict | None:

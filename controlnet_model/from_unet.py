@@ -17,13 +17,6 @@ def unet_twin(control_key: str) -> str | None:
     return None
 
 
-def unet_twin_inverse(unet_key: str) -> str | None:
-    for control_prefix, unet_prefix in INIT_FROM_UNET_PREFIXES:
-        if unet_key.startswith(unet_prefix):
-            return control_prefix + unet_key[len(unet_prefix):]
-    return None
-
-
 def init_from_unet(unet: nn.Module, config: ControlNetConfig | None = None,
                    hint_channels: int | None = None) -> tuple[ControlNet, list[str]]:
     """Copy time/label embeddings, input blocks and middle block; return the ControlNet and its fresh keys.

@@ -490,8 +490,9 @@ def _fitted_hint(controlnet: Any, image: torch.Tensor, fit: HintFit, latent: tor
     return broadcast_batch(hint, latent.shape[0], batched_number, f"{name}'s control image")
 
 
-def _broadcast_mask(settings: ControlSettings, device: torch.device, latent: torch.Tensor, batched_number: int,
-                    name: str) -> ControlSettings:
+def broadcast_mask(settings: ControlSettings, device: torch.device, latent: torch.Tensor, batched_number: int,
+                   name: str) -> ControlSettings:
+    """The settings with their mask (if any) on `device`, broadcast to the batch as the hint is (broadcast_batch)."""
     if settings.mask is None:
         return settings
     mask = broadcast_batch(settings.mask.to(device), latent.shape[0], batched_number, f"{name}'s mask")
@@ -505,7 +506,7 @@ def prepare_controlnet(controlnet: Any, image: torch.Tensor, settings: ControlSe
     batch, encoded once (the hint block is the same at every step)."""
     _no_types(name, "a plain ControlNet", conditions)
     hint = _fitted_hint(controlnet, image, fit, latent, batched_number, name)
-    settings = _broadcast_mask(settings, hint.device, latent, batched_number, name)
+    settings = broadcast_mask(settings, hint.device, latent, batched_number, name)
     with torch.no_grad():
         encoded = controlnet.encode_hint(hint.to(controlnet.dtype))
     return ControlUnit(controlnet, hint, settings, encoded)
@@ -532,7 +533,7 @@ def prepare_union(controlnet: Any, image: torch.Tensor | None, settings: Control
         with torch.no_grad():
             encoded = controlnet.encode_hint(hint.to(controlnet.dtype))
         conds.append(UnionCondition(index, None, float(scale), encoded))
-    settings = _broadcast_mask(settings, conds[0].encoded.device, latent, batched_number, name)
+    settings = broadcast_mask(settings, conds[0].encoded.device, latent, batched_number, name)
     return ControlUnit(controlnet, None, settings, conds[0].encoded, tuple(conds))
 
 
@@ -578,7 +579,7 @@ def prepare_adapter(adapter: T2IAdapter, image: torch.Tensor, settings: ControlS
         image = fit_to_latent(image.float(), latent.shape[-2], latent.shape[-1], HintFit(fit))
     hint = broadcast_batch(image.float(), latent.shape[0], batched_number, f"{name}'s control image")
     device = next(adapter.parameters()).device
-    return AdapterUnit(adapter, hint, _broadcast_mask(settings, device, latent, batched_number, name), unet_config)
+    return AdapterUnit(adapter, hint, broadcast_mask(settings, device, latent, batched_number, name), unet_config)
 
 
 def adapter_residuals(unit: AdapterUnit, step: HostStep) -> dict | None:

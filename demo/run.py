@@ -19,7 +19,7 @@ from ..controlnet_model.network import ControlNet
 from . import MODELS_DIR
 from ..training.base import LockedBase, load_base
 from ..training.fidelity import iou
-from ..training.schedule import ddim_sample
+from ..training.validation import guided_sample, to_uint8
 from .world import ShapeSpec, colours_match, random_specs, render_outline, segment_shape, shape_mask
 
 logger = logging.getLogger(__name__)
@@ -71,20 +71,9 @@ def validation_settings(controlnet_path: Path) -> tuple[float, int]:
 def generate(base: LockedBase, captions: list[str], hints: torch.Tensor | None, controlnet: ControlNet | None,
              cfg_scale: float, steps: int, seed: int) -> np.ndarray:
     """DDIM with classifier-free guidance, the ControlNet (if any) on both halves; (B, H, W, 3) uint8."""
-    n, size = len(captions), base.image_size
-    context = torch.cat([base.encode_text(captions).context, base.encode_text([""] * n).context])
-    guided = None if controlnet is None else controlnet.encode_hint(torch.cat([hints, hints]))  # hint encoded once
-
-    def model_fn(x: torch.Tensor, t: torch.Tensor, _: float) -> torch.Tensor:
-        x2, t2 = torch.cat([x, x]), torch.cat([t, t])
-        control = None if controlnet is None else controlnet(x2, None, t2, context, guided_hint=guided)
-        cond, uncond = base.unet(x2, t2, context, control=control).float().chunk(2)
-        return uncond + cfg_scale * (cond - uncond)
-
-    gen = torch.Generator().manual_seed(seed)
-    noise = torch.randn((n, base.unet.config.in_channels, size // 8, size // 8), generator=gen)
-    pixels = base.decode_latents(ddim_sample(model_fn, base.schedule, noise, steps=steps))
-    return ((pixels.float() + 1) * 127.5).round().clamp(0, 255).byte().permute(0, 2, 3, 1).numpy()
+    cond, uncond = base.encode_text(captions), base.encode_text([""] * len(captions))
+    pixels = guided_sample(base, controlnet, hints, cond, uncond, cfg_scale, steps, seed, base.image_size)
+    return to_uint8(((pixels.float() + 1) / 2).clamp(0, 1))
 
 
 def score(specs: list[ShapeSpec], without: np.ndarray, with_control: np.ndarray) -> list[SampleScores]:

@@ -19,6 +19,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ..training.loop import ema_update
 from .world import random_specs, render_target
 from .world_base import WorldBase, build_world_base, load_world_base, save_world_base
 
@@ -61,12 +62,6 @@ def make_pool(cfg: BaseTrainConfig) -> tuple[torch.Tensor, list[str]]:
     return torch.from_numpy(images).permute(0, 3, 1, 2).contiguous(), [s.caption for s in specs]
 
 
-def ema_update(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> None:
-    with torch.no_grad():
-        for e, p in zip(ema.parameters(), model.parameters()):
-            e.lerp_(p, 1.0 - decay)
-
-
 def base_loss(base: WorldBase, pixels: torch.Tensor, captions: list[str], gen: torch.Generator) -> torch.Tensor:
     """MSE between the U-Net's output and the schedule's target (noise or v), in fp32."""
     latents = base.encode_images(pixels)
@@ -90,6 +85,7 @@ def train(cfg: BaseTrainConfig) -> dict[str, float]:
                                 fit_pixels=images[:FIT_POOL].float() / 127.5 - 1.0)
     ema = {name: copy.deepcopy(m).requires_grad_(False) for name, m in base.modules().items()}
     params = [p for m in base.modules().values() for p in m.parameters()]
+    ema_params = [p for m in ema.values() for p in m.parameters()]  # in the order of params
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     gen = torch.Generator().manual_seed(cfg.seed)
     start, losses = time.time(), []
@@ -107,8 +103,7 @@ def train(cfg: BaseTrainConfig) -> dict[str, float]:
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        for name, module in base.modules().items():
-            ema_update(ema[name], module, cfg.ema_decay)
+        ema_update(ema_params, params, cfg.ema_decay)
         losses.append(loss.item())
         if (step + 1) % cfg.log_every == 0:
             logger.info("step %d/%d  loss %.4f  lr %.2e  %.0f s", step + 1, cfg.steps,

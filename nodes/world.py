@@ -13,20 +13,17 @@ from .host.models import base_objects
 BASE_PATTERN = "*base*.safetensors"
 
 
-def _host_checkpoint_dirs() -> list[Path]:
-    return folders.model_folders("checkpoints")
-
-
 def world_base_names() -> list[str]:
     """World bases shipped with the pack, then ComfyUI's checkpoints whose names say they are world bases."""
     names = [p.name for p in sorted(PACKAGE_MODELS.glob(BASE_PATTERN))]
-    names += [p.name for d in _host_checkpoint_dirs() if d.is_dir() for p in sorted(d.glob(f"world{BASE_PATTERN}"))]
+    checkpoints = [d for d in folders.model_folders("checkpoints") if d.is_dir()]
+    names += [p.name for d in checkpoints for p in sorted(d.glob(f"world{BASE_PATTERN}"))]
     return list(dict.fromkeys(names))
 
 
 def resolve_world_base(name: str) -> Path:
     """A listed name (package models/ first, then ComfyUI's checkpoints) or a path."""
-    for folder in (PACKAGE_MODELS, *_host_checkpoint_dirs()):
+    for folder in (PACKAGE_MODELS, *folders.model_folders("checkpoints")):
         if (folder / name).is_file():
             return folder / name
     if Path(name).expanduser().is_file():

@@ -67,7 +67,7 @@ def one_torch_thread():
 
 def tiny_training_files(root, seed: int = 0, count: int = 6, size: int = 32) -> dict:
     """A tiny random SD1.x-layout base file and toy Fill50K data under `root` (training tests)."""
-    from zeroconv.training.tiny_base import write_tiny_fill50k, write_tiny_sd_checkpoint
+    from .tiny_base import write_tiny_fill50k, write_tiny_sd_checkpoint
 
     return {"base": write_tiny_sd_checkpoint(root / "base.safetensors", "SD1.x", seed=seed),
             "data": write_tiny_fill50k(root / "fill", count=count, size=size, seed=seed)}

@@ -35,7 +35,7 @@ def _prompt(checkpoint: str, size: int = 256, steps: int = 6) -> dict:
 
 @pytest.mark.parametrize("family, scale", [("SD1.x", 0.18215), pytest.param("SDXL", 0.13025, marks=pytest.mark.slow)])
 def test_tiny_sd_single_file_loads_through_load_base_and_samples(tmp_path, family, scale) -> None:
-    from zeroconv.training.tiny_base import write_tiny_sd_checkpoint
+    from .tiny_base import write_tiny_sd_checkpoint
 
     path = write_tiny_sd_checkpoint(tmp_path / f"tiny_{family}.safetensors", family)
     result = run_prompt(_prompt(str(path), size=64, steps=2), HostPaths(output_dir=tmp_path / "out"))

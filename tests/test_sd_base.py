@@ -13,8 +13,8 @@ from zeroconv.controlnet_model.unet import UNetModel
 from zeroconv.training.base import load_base
 from zeroconv.training.sd_base import infer_unet_config, load_sd_base
 from zeroconv.training.text_encoders import (EOT_TOKEN, TEXT_ENCODERS, FrozenTextEncoder, build_text_encoder,
-                                             hf_to_open_clip, open_clip_to_hf, tokenize)
-from zeroconv.training.tiny_base import TINY_VAE, write_tiny_sd_checkpoint
+                                             hf_to_open_clip, tokenize)
+from .tiny_base import TINY_VAE, open_clip_to_hf, write_tiny_sd_checkpoint
 
 CONTEXT = {"SD1.x": 32, "SD2.x": 48, "SDXL": 64}
 

@@ -11,7 +11,7 @@ from PIL import Image
 
 from zeroconv.training.config import Crop
 from zeroconv.training.data import BatchPlan, ControlDataset, StepSampler, read_rows
-from zeroconv.training.tiny_base import write_tiny_fill50k
+from .tiny_base import write_tiny_fill50k
 
 
 def _save(path: Path, size: tuple[int, int] = (48, 32), value: int = 128) -> Path:

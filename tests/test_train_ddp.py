@@ -14,7 +14,7 @@ from safetensors.torch import load_file
 
 from zeroconv.training.config import TrainConfig, default_config_text
 from zeroconv.training.loop import train
-from zeroconv.training.tiny_base import write_tiny_fill50k, write_tiny_sd_checkpoint
+from .tiny_base import write_tiny_fill50k, write_tiny_sd_checkpoint
 
 
 def _free_port() -> int:

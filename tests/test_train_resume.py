@@ -15,7 +15,7 @@ from safetensors.torch import load_file
 from zeroconv.training.config import TrainConfig, default_config_text
 from zeroconv.training.loop import train
 from zeroconv.training.state import CheckpointFolder, atomic_write_text
-from zeroconv.training.tiny_base import write_tiny_fill50k, write_tiny_sd_checkpoint
+from .tiny_base import write_tiny_fill50k, write_tiny_sd_checkpoint
 
 MAX_STEPS = 16
 

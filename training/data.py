@@ -272,7 +272,7 @@ class LatentCache:
         return self.path(index).is_file()
 
     def put(self, index: int, moments: torch.Tensor) -> None:
-        from .state import atomic_torch_save
+        from ..controlnet_model.atomic import atomic_torch_save
 
         atomic_torch_save(moments.detach().to(torch.float16).cpu().clone(), self.path(index))
 

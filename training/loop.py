@@ -29,9 +29,8 @@ from .encode import encode_captions, encode_latents, latents_from_moments
 from .config import SEED_STRIDE, MixedPrecision, Parallelism, TrainConfig, TrainMode
 from .data import BatchPlan, ControlDataset, LatentCache, StepSampler, collate, read_rows
 from .schedule import NoiseSchedule
-from ..controlnet_model.atomic import atomic_save_safetensors, remove_stale_temps
-from .state import CheckpointFolder, atomic_torch_save, atomic_write_text, load_checkpoint_weights, load_state, \
-    partner, rng_state, set_rng_state
+from ..controlnet_model.atomic import atomic_save_safetensors, atomic_torch_save, atomic_write_text, remove_stale_temps
+from .state import CheckpointFolder, load_checkpoint_weights, load_state, partner, rng_state, set_rng_state
 from .validation import ValidationSet, build_validation_set, fidelity_setup, measure_fidelity, plot_curves, sample, \
     save_grid, to_uint8
 

@@ -19,10 +19,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..controlnet_model.atomic import atomic_torch_save, atomic_write, atomic_write_text
-
-__all__ = ["atomic_torch_save", "atomic_write", "atomic_write_text", "CheckpointFolder", "load_state",
-           "load_checkpoint_weights", "rng_state", "set_rng_state"]
+from ..controlnet_model.atomic import atomic_write_text
 
 logger = logging.getLogger(__name__)
 

@@ -86,21 +86,6 @@ def hf_to_open_clip(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor
     return out
 
 
-def open_clip_to_hf(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """The inverse of hf_to_open_clip (for writing files in the Hugging Face layout)."""
-    layers = count_layers(state, "transformer.resblocks.{i}.ln_1.weight")
-    out = {}
-    for i in range(layers):
-        for p in PARAMS:
-            for key, part in zip(HF_FUSED_QKV[0], state[HF_FUSED_QKV[1].format(i=i, p=p)].chunk(3)):
-                out[key.format(i=i, p=p)] = part.clone()
-    for src, dst in HF_TO_OPEN_CLIP:
-        for i in range(layers) if "{i}" in src else [0]:
-            for p in PARAMS if "{p}" in src else [""]:
-                out[src.format(i=i, p=p)] = state[dst.format(i=i, p=p)]
-    return out
-
-
 @functools.lru_cache(maxsize=1)
 def tokenizer():
     """open_clip's SimpleTokenizer: the CLIP BPE vocabulary ships inside the package, so it works offline."""

@@ -12,7 +12,7 @@ import numpy as np
 import torch
 
 from ..controlnet_model.network import ControlNet
-from .base import LockedBase
+from .base import LockedBase, TextConditioning
 from .encode import encode_captions
 from .fidelity import MEASURING_ANNOTATOR, FidelityMetric, metric_for, score
 from .schedule import ddim_sample
@@ -34,16 +34,16 @@ class ValidationSet:
 def build_validation_set(conditions: tuple[str, ...], prompts: tuple[str, ...], dataset: Any, count: int,
                          resolution: int) -> ValidationSet:
     """The configured condition images, else the conditions of the first `count` data rows (centre crop)."""
-    from .data import _resize_short, load_rgb
+    from .config import Crop
+    from .data import load_rgb, resize_and_crop
 
     if conditions:
         hints = []
         for path in conditions:
             if not Path(path).is_file():
                 raise FileNotFoundError(f"validation condition {path} does not exist; fix validation_conditions")
-            image = _resize_short(load_rgb(Path(path), "validation_conditions", "condition"), resolution)
-            top, left = (image.shape[0] - resolution) // 2, (image.shape[1] - resolution) // 2
-            crop = image[top:top + resolution, left:left + resolution]
+            image = load_rgb(Path(path), "validation_conditions", "condition")
+            crop, _ = resize_and_crop(image, resolution, Crop.CENTER, None)
             hints.append(torch.from_numpy(np.ascontiguousarray(crop)).permute(2, 0, 1).float() / 255.0)
         hint = torch.stack(hints)
     else:
@@ -54,34 +54,41 @@ def build_validation_set(conditions: tuple[str, ...], prompts: tuple[str, ...], 
 
 
 @torch.no_grad()
+def guided_sample(base: LockedBase, controlnet: ControlNet | None, hints: torch.Tensor | None,
+                  cond: TextConditioning, uncond: TextConditioning, cfg_scale: float, steps: int, seed: int, size: int,
+                  autocast: Callable[[], ContextManager] = contextlib.nullcontext) -> torch.Tensor:
+    """DDIM with classifier-free guidance, the ControlNet (if any) on both halves; decoded (N, 3, size, size) in
+    [-1, 1]. The noise is drawn on the CPU from `seed`, then moved to the device of the text conditioning."""
+    context = torch.cat([cond.context, uncond.context])
+    y = None if cond.y is None else torch.cat([cond.y, uncond.y])
+    hint2 = None if controlnet is None else torch.cat([hints, hints])
+
+    def model_fn(x: torch.Tensor, t: torch.Tensor, _: float) -> torch.Tensor:
+        x2, t2 = torch.cat([x, x]), torch.cat([t, t])
+        with autocast():
+            residuals = None if controlnet is None else controlnet(x2, hint2, t2, context, y)
+            out = base.unet(x2, t2, context, y, control=residuals).float()
+        c, u = out.chunk(2)
+        return u + cfg_scale * (c - u)
+
+    gen = torch.Generator().manual_seed(seed)
+    shape = (cond.context.shape[0], base.unet.config.in_channels, size // 8, size // 8)
+    latents = ddim_sample(model_fn, base.schedule, torch.randn(shape, generator=gen).to(context.device), steps=steps)
+    with autocast():
+        return base.decode_latents(latents)
+
+
+@torch.no_grad()
 def sample(base: LockedBase, controlnet: ControlNet, vset: ValidationSet, cfg_scale: float, steps: int, seed: int,
            device: torch.device, autocast: Callable[[], ContextManager] = contextlib.nullcontext) -> torch.Tensor:
-    """DDIM samples with classifier-free guidance, ControlNet on both halves; (N, 3, R, R) in [0, 1]."""
+    """The validation samples (guided_sample on every condition and prompt); (N, 3, R, R) in [0, 1]."""
     pairs = vset.pairs()
     hint = vset.hints[[i for i, _ in pairs]].to(device)
     size = vset.size_cond[[i for i, _ in pairs]].to(device)
     with autocast():
         cond = encode_captions(base, [p for _, p in pairs], size)
         uncond = encode_captions(base, [""] * len(pairs), size)
-    context = torch.cat([cond.context, uncond.context])
-    y = None if cond.y is None else torch.cat([cond.y, uncond.y])
-    hint2 = torch.cat([hint, hint])
-
-    def model_fn(x: torch.Tensor, t: torch.Tensor, _: float) -> torch.Tensor:
-        x2, t2 = torch.cat([x, x]), torch.cat([t, t])
-        with autocast():
-            residuals = controlnet(x2, hint2, t2, context, y)
-            out = base.unet(x2, t2, context, y, control=residuals).float()
-        c, u = out.chunk(2)
-        return u + cfg_scale * (c - u)
-
-    latent_hw = (hint.shape[-2] // 8, hint.shape[-1] // 8)
-    channels = base.unet.config.in_channels
-    gen = torch.Generator().manual_seed(seed)
-    noise = torch.randn((len(pairs), channels, *latent_hw), generator=gen).to(device)
-    latents = ddim_sample(model_fn, base.schedule, noise, steps=steps)
-    with autocast():
-        pixels = base.decode_latents(latents)
+    pixels = guided_sample(base, controlnet, hint, cond, uncond, cfg_scale, steps, seed, hint.shape[-1], autocast)
     return ((pixels.float() + 1) / 2).clamp(0, 1).cpu()
 
 
@@ -115,7 +122,7 @@ def save_grid(hints: torch.Tensor, samples: torch.Tensor, columns: int, path: Pa
     """One row per condition: the condition, then one sample per prompt; written as PNG."""
     from PIL import Image
 
-    from .state import atomic_write
+    from ..controlnet_model.atomic import atomic_write
 
     n, _, h, w = hints.shape
     canvas = np.zeros((n * h, (columns + 1) * w, 3), np.uint8)
@@ -132,7 +139,7 @@ def plot_curves(losses: list[float], fidelity: list[tuple[int, float]], path: Pa
     """Loss per step (raw and smoothed) and, below it, condition fidelity per validation, drawn with PIL."""
     from PIL import Image, ImageDraw
 
-    from .state import atomic_write
+    from ..controlnet_model.atomic import atomic_write
 
     panels = [("loss", list(enumerate(losses, start=1)), _smooth(losses))]
     if fidelity:

@@ -98,6 +98,3 @@ def run_workflow(path: str | Path, paths: files.HostPaths | None = None, registr
         prompt, workflow = load_workflow(path, comfyui.node_classes() if comfyui else registry or default_registry())
     logger.debug("API prompt: %s", json.dumps(prompt, default=str))
     return run_prompt(prompt, paths, registry, workflow, overrides, host="comfyui" if comfyui else "zeroconv")
-
-
-__all__ = ["RunResult", "default_registry", "run_prompt", "run_workflow"]

@@ -163,10 +163,6 @@ class HostFreeControlBase:
         previous = self.previous_controlnet
         return previous.inference_memory_requirements(dtype) if previous is not None else 0
 
-    def get_extra_hooks(self) -> list:
-        previous = self.previous_controlnet
-        return previous.get_extra_hooks() if previous is not None and hasattr(previous, "get_extra_hooks") else []
-
 
 class ZeroConvControl:
     """A control: one or several parts added in a single pass. Mixed into ControlBase (or HostFreeControlBase)."""

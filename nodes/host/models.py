@@ -96,10 +96,6 @@ class HostModels:
             mm.soft_empty_cache()
         return len(keys)
 
-    def held(self) -> list[tuple[str, str, str]]:
-        """(loader name, device, dtype) of every model held now."""
-        return [(loader.__name__, device, dtype) for loader, device, dtype in self._held]
-
 
 # ---- our ControlNets under ComfyUI's memory manager ------------------------------------------------------
 class HostedControlNet(nn.Module):

@@ -1,4 +1,5 @@
-"""Tiny random SD1.x / SD2.x / SDXL single files in the real key layouts, for tests and CPU smoke runs.
+"""Tiny random SD1.x / SD2.x / SDXL single files in the real key layouts, for tests and CPU smoke runs
+(examples/train_tiny_cpu.toml).
 
 Same prefixes and key names as the released checkpoints (U-Net `model.diffusion_model.`, VAE `first_stage_model.`,
 text encoders in the Hugging Face or open_clip layout); widths are tiny, so a training step takes milliseconds.
@@ -8,14 +9,17 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Mapping
 
 import torch
 from torch import nn
 
-from ..controlnet_model.config import preset
-from ..controlnet_model.unet import UNetModel
-from .text_encoders import TEXT_ENCODERS, FrozenTextEncoder, open_clip_to_hf
-from .vae import AutoencoderKL, VAEConfig
+from zeroconv.controlnet_model.atomic import atomic_save_safetensors
+from zeroconv.controlnet_model.config import preset
+from zeroconv.controlnet_model.unet import UNetModel
+from zeroconv.training.text_encoders import (HF_FUSED_QKV, HF_TO_OPEN_CLIP, PARAMS, TEXT_ENCODERS, FrozenTextEncoder,
+                                             count_layers)
+from zeroconv.training.vae import AutoencoderKL, VAEConfig
 
 TINY_VAE = VAEConfig(ch=32, ch_mult=(1, 1, 1, 1), num_res_blocks=1, z_channels=4, embed_dim=4)
 # family -> (U-Net preset, [(text width, layers, heads, projection dim or None) per encoder])
@@ -32,6 +36,21 @@ def _randomize(module: nn.Module, generator: torch.Generator, std: float) -> Non
     with torch.no_grad():
         for p in module.parameters():
             p.copy_(torch.randn(p.shape, generator=generator) * std)
+
+
+def open_clip_to_hf(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The inverse of training.text_encoders.hf_to_open_clip (for writing files in the Hugging Face layout)."""
+    layers = count_layers(state, "transformer.resblocks.{i}.ln_1.weight")
+    out = {}
+    for i in range(layers):
+        for p in PARAMS:
+            for key, part in zip(HF_FUSED_QKV[0], state[HF_FUSED_QKV[1].format(i=i, p=p)].chunk(3)):
+                out[key.format(i=i, p=p)] = part.clone()
+    for src, dst in HF_TO_OPEN_CLIP:
+        for i in range(layers) if "{i}" in src else [0]:
+            for p in PARAMS if "{p}" in src else [""]:
+                out[src.format(i=i, p=p)] = state[dst.format(i=i, p=p)]
+    return out
 
 
 def tiny_sd_state(family: str = "SD1.x", seed: int = 0) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
@@ -66,8 +85,6 @@ def tiny_sd_state(family: str = "SD1.x", seed: int = 0) -> tuple[dict[str, torch
 def write_tiny_sd_checkpoint(path: str | Path, family: str = "SD1.x", seed: int = 0,
                              prediction_type: str = "epsilon") -> Path:
     """Write a tiny `.safetensors` base (and an LDM `.yaml` with parameterization "v" for v_prediction)."""
-    from ..controlnet_model.atomic import atomic_save_safetensors
-
     path = Path(path)
     state, meta = tiny_sd_state(family, seed)
     atomic_save_safetensors(state, path, meta)

@@ -2,7 +2,8 @@
 
 Writes one native file (bare LDM keys, fp16, 723 MB) and its diffusers export (fp16), then loads them, each
 loader in a fresh subprocess, `--repeats` times, the loaders interleaved (repetition r of every loader runs before
-repetition r + 1 of any): ZeroConv, diffusers' ControlNetModel.from_pretrained and .from_single_file (the native
+repetition r + 1 of any): ZeroConv, diffusers' ControlNetModel.from_pretrained (without and, when installed, with
+accelerate's low_cpu_mem_usage, diffusers' default then) and .from_single_file (the native
 file, with the exported config.json, offline), and ComfyUI's comfy.controlnet.load_controlnet when COMFYUI_PATH
 names a checkout (run by COMFYUI_PYTHON when set), each kept in fp16 and cast fp16 -> fp32 as both hosts do on a
 CPU. Every loader reads every weight once after loading (lazily mapped weights count as loaded). Also times
@@ -14,6 +15,7 @@ bench/results/load-<machine>.md with the machine, versions and load averages.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import logging
 import os
@@ -49,8 +51,8 @@ before = status("VmRSS")
 t0 = time.perf_counter()
 if kind == "zeroconv":
     model = load_controlnet(path, dtype=dtype).model
-elif kind == "diffusers-pretrained":
-    model = ControlNetModel.from_pretrained(path, torch_dtype=dtype)
+elif kind.startswith("diffusers-pretrained"):  # copied into new memory, or (accelerate) assigned from the map
+    model = ControlNetModel.from_pretrained(path, torch_dtype=dtype, low_cpu_mem_usage=kind.endswith("accelerate"))
 elif kind == "diffusers-single-file":
     model = ControlNetModel.from_single_file(path, config=config, torch_dtype=dtype, local_files_only=True)
 else:
@@ -90,9 +92,12 @@ def loaders(native: Path, folder: Path) -> list[tuple[str, str, Path, str]]:
                  (f"ZeroConv load_controlnet, native file, {how}, file checked before", "zeroconv", native, dtype),
                  (f"ZeroConv load_controlnet, diffusers folder, {how}", "zeroconv", folder, dtype),
                  (f"diffusers ControlNetModel.from_pretrained, same folder, {how}", "diffusers-pretrained", folder,
-                  dtype),
-                 (f"diffusers ControlNetModel.from_single_file, native file, {how}", "diffusers-single-file", native,
                   dtype)]
+        if importlib.util.find_spec("accelerate") is not None:  # diffusers' default whenever accelerate is there
+            rows.append((f"diffusers ControlNetModel.from_pretrained with accelerate (low_cpu_mem_usage), same folder,"
+                         f" {how}", "diffusers-pretrained-accelerate", folder, dtype))
+        rows.append((f"diffusers ControlNetModel.from_single_file, native file, {how}", "diffusers-single-file",
+                     native, dtype))
         if os.environ.get("COMFYUI_PATH"):
             rows.append((f"ComfyUI comfy.controlnet.load_controlnet, native file, {how}", "comfyui", native, dtype))
     return rows

@@ -605,7 +605,7 @@ def check_names_and_shapes(shapes: Mapping[str, torch.Tensor], expected: Mapping
     if unexpected or missing:
         raise KeyError(f"{what} does not match the {architecture} architecture: {len(unexpected)} unexpected keys "
                        f"{unexpected[:10]}, {len(missing)} missing keys {missing[:10]}; it is incomplete or not a "
-                       "ControlNet of this kind")
+                       "model of this kind")
     wrong = [f"{k} {tuple(shapes[k].shape)} != {tuple(t.shape)}" for k, t in expected.items()
              if shapes[k].shape != t.shape]
     if wrong:
@@ -735,15 +735,8 @@ def load_t2i_adapter(path: str | Path, *, dtype: torch.dtype | None = None,
     config = _t2i_config({k: s.meta for k, s in plan.items()}, raw, weights.path)
     model = skeleton(lambda: T2IAdapter(config))
     expected = model.state_dict()
-    what = f"{weights.path} (read as a {config.kind.value} T2I-Adapter)"
-    unexpected, missing = sorted(set(plan) - set(expected)), sorted(set(expected) - set(plan))
-    if unexpected or missing:
-        raise KeyError(f"{what}: {len(unexpected)} unexpected keys {unexpected[:10]}, {len(missing)} missing keys "
-                       f"{missing[:10]}; it is incomplete or another kind of adapter")
-    wrong = [f"{k} {tuple(plan[k].meta.shape)} != {tuple(t.shape)}" for k, t in expected.items()
-             if plan[k].meta.shape != t.shape]
-    if wrong:
-        raise ValueError(f"{what}: {len(wrong)} tensors have the wrong shape, e.g. {wrong[:5]}")
+    check_names_and_shapes({k: s.meta for k, s in plan.items()}, expected, str(weights.path),
+                           f"{config.kind.value} T2I-Adapter")
     target_dtype = dtype or _file_dtype(weights)
     tensors = {k: plan[k].load().to(device=device, dtype=target_dtype) for k in expected}
     model.load_state_dict(tensors, strict=True, assign=True)

@@ -18,7 +18,7 @@ def machine() -> str:
         pass
     mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
     versions = [f"torch {torch.__version__}", f"Python {platform.python_version()}"]
-    for name in ("safetensors", "diffusers"):
+    for name in ("safetensors", "diffusers", "accelerate"):
         try:
             versions.append(f"{name} {__import__(name).__version__}")
         except ImportError:

@@ -280,7 +280,8 @@ def scale_output(out: ControlNetOutput | AdapterOutput, mode: ControlMode, stren
     def scale(i: int, r: torch.Tensor) -> torch.Tensor:
         if global_average_pooling:
             r = r.mean(dim=(2, 3), keepdim=True).expand_as(r)
-        r = r * (strength * scales[i])
+        factor = strength * scales[i]
+        r = r if factor == 1.0 else r * factor  # balanced at strength 1: the residual as is, no pass over it
         if mask is not None:
             r = r * _resize_mask(mask, r.shape[-2:]).to(r)
         return r

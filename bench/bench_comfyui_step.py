@@ -140,12 +140,18 @@ BODY = textwrap.dedent("""
     fx, ft = torch.randn(2, 4, side // 8, side // 8, generator=gen), torch.full((2,), 500.0)
     fctx, fhint = torch.randn(2, 77, 768, generator=gen), image_a.movedim(-1, 1).expand(2, -1, -1, -1)
     forward = {"core": [], "ours": [], "ours + encode": []}
+    def on(net, *tensors):  # the inputs where the net's weights are now, in their dtype
+        w = next(net.parameters())
+        return [v.to(w.device, w.dtype) for v in tensors]
+
+    cx, ct, cctx, chint = on(core_net, fx, ft, fctx, fhint)
+    ox, ot, octx, ohint = on(ours_net, fx, ft, fctx, fhint)
     with torch.no_grad():
-        encoded = ours_net.encode_hint(fhint[:1])
-        runs = {"core": lambda: core_net(x=fx, hint=fhint, timesteps=ft, context=fctx, y=None),
-                "ours": lambda: ours_net(fx, None, ft, fctx, guided_hint=encoded.expand(2, -1, -1, -1)),
-                "ours + encode": lambda: ours_net(fx, None, ft, fctx, guided_hint=ours_net.encode_hint(
-                    fhint[:1]).expand(2, -1, -1, -1))}
+        encoded = ours_net.encode_hint(ohint[:1])
+        runs = {"core": lambda: core_net(x=cx, hint=chint, timesteps=ct, context=cctx, y=None),
+                "ours": lambda: ours_net(ox, None, ot, octx, guided_hint=encoded.expand(2, -1, -1, -1)),
+                "ours + encode": lambda: ours_net(ox, None, ot, octx, guided_hint=ours_net.encode_hint(
+                    ohint[:1]).expand(2, -1, -1, -1))}
         for run in runs.values():
             run()
         for _ in range(3 * repeats):

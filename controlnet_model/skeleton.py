@@ -20,7 +20,7 @@ M = TypeVar("M", bound=nn.Module)
 
 INITIALISERS = ("uniform_", "normal_", "trunc_normal_", "constant_", "ones_", "zeros_", "eye_", "dirac_",
                 "xavier_uniform_", "xavier_normal_", "kaiming_uniform_", "kaiming_normal_", "orthogonal_", "sparse_")
-_LOCK = threading.Lock()
+_LOCK = threading.RLock()  # re-entrant: a factory may build a skeleton of a part
 
 
 def skeleton(factory: Callable[[], M]) -> M:

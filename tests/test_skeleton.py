@@ -30,3 +30,10 @@ def test_a_skeleton_loads_by_assignment():
     net.load_state_dict(source.state_dict(), assign=True)
     x = torch.randn(3, 4)
     assert torch.equal(net(x), source(x))
+
+
+def test_a_skeleton_built_inside_a_skeleton():
+    before = nn.init.kaiming_uniform_
+    net = skeleton(lambda: nn.Sequential(skeleton(lambda: nn.Linear(2, 2)), nn.Linear(2, 2)))
+    assert all(p.is_meta for p in net.parameters())
+    assert nn.init.kaiming_uniform_ is before

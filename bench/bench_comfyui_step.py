@@ -140,6 +140,7 @@ BODY = textwrap.dedent("""
     fx, ft = torch.randn(2, 4, side // 8, side // 8, generator=gen), torch.full((2,), 500.0)
     fctx, fhint = torch.randn(2, 77, 768, generator=gen), image_a.movedim(-1, 1).expand(2, -1, -1, -1)
     forward = {"core": [], "ours": [], "ours + encode": []}
+
     def on(net, *tensors):  # the inputs where the net's weights are now, in their dtype
         w = next(net.parameters())
         return [v.to(w.device, w.dtype) for v in tensors]
@@ -162,7 +163,8 @@ BODY = textwrap.dedent("""
                     torch.cuda.synchronize()
                 forward[name].append(time.perf_counter() - start)
     scale = out["core"].abs().max().item()
-    print(json.dumps({"step": step, "control": control, "forward": forward, "scale": scale, "device": str(mm.get_torch_device()),
+    print(json.dumps({"step": step, "control": control, "forward": forward, "scale": scale,
+                      "device": str(mm.get_torch_device()),
                       "gpu": torch.cuda.get_device_name() if cuda else "",
                       "ours_vs_core": (out["ours"] - out["core"]).abs().max().item(),
                       "composed_vs_chain": (out["ours composed"] - out["core chain"]).abs().max().item(),

@@ -7,8 +7,8 @@ accelerate's low_cpu_mem_usage, diffusers' default then) and .from_single_file (
 file, with the exported config.json, offline), and ComfyUI's comfy.controlnet.load_controlnet when COMFYUI_PATH
 names a checkout (run by COMFYUI_PYTHON when set), each kept in fp16 and cast fp16 -> fp32 as both hosts do on a
 CPU. After loading, every 4 KiB page of every weight is read once (lazily mapped weights count as loaded; a
-full pass over the values would add the same ~0.4 s of arithmetic to every loader and hide the loaders' own cost). Also times
-ZeroConv's NaN/inf check alone (in-process, on the loaded fp16 and fp32 weights). Writes
+full pass over the values would add the same ~0.4 s of arithmetic to every loader and hide the loaders' own
+cost). Also times ZeroConv's NaN/inf check alone (in-process, on the loaded fp16 and fp32 weights). Writes
 bench/results/load-<machine>.md with the machine, versions and load averages.
 
     COMFYUI_PATH=<ComfyUI checkout> COMFYUI_PYTHON=<its python> python bench/bench_load.py [--repeats 5]
@@ -65,8 +65,9 @@ with torch.no_grad():  # touch every 4 KiB page of every weight: lazily mapped f
 elapsed = time.perf_counter() - t0
 params = sum(p.numel() for p in model.parameters())
 dtypes = sorted({str(p.dtype).removeprefix("torch.") for p in model.parameters()})
-print(json.dumps({"seconds": elapsed, "call_seconds": called, "peak_rss_mib": status("VmHWM"), "rss_before_mib": before,
-                  "rss_after_mib": status("VmRSS"), "params": params, "dtypes": dtypes, "checksum": total}))
+print(json.dumps({"seconds": elapsed, "call_seconds": called, "peak_rss_mib": status("VmHWM"),
+                  "rss_before_mib": before, "rss_after_mib": status("VmRSS"), "params": params, "dtypes": dtypes,
+                  "checksum": total}))
 """
 
 
@@ -174,7 +175,8 @@ def main() -> int:
              f"Median and range of {args.repeats} fresh processes per loader, loaders interleaved; the "
              f"{size_mb:.0f} MB file is in the page cache (written just before). Time = load + reading every page of "
              "every weight once; 'call' = the load call alone. Peak RSS is the process high-water mark (interpreter "
-             "and imports included); 'peak growth' is that minus the RSS just before loading. Load averages (1/5/15 min) before and after: "
+             "and imports included); 'peak growth' is that minus the RSS just before loading. Load averages "
+             "(1/5/15 min) before and after: "
              f"{loads[0]} and {loads[1]}.", "",
              "| loader | seconds (median) | range | call s, median (range) | peak RSS (MiB) | peak growth (MiB) | "
              "dtype | parameters |", "| --- | --- | --- | --- | --- | --- | --- | --- |", *rows, "",

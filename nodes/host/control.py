@@ -218,10 +218,7 @@ class ZeroConvControl:
             model_name = "the sampled model" + (f" {', '.join(names)}" if names else "")
             for part in self.parts:
                 if part.controlnet is not None:
-                    if unet_config is not None and dit_format_of(part.controlnet) is None:
-                        control_kind(part.controlnet).check(part.controlnet, unet_config, part.name, model_name)
-                    else:
-                        check_part(part.controlnet, family, unet_config, part.name, model_name)
+                    check_part(part.controlnet, family, unet_config, part.name, model_name)
         for part in self.parts:
             if part.controlnet is not None:
                 borrow_host_weights(part.controlnet, model)  # SD3.5 ControlNets use the host's patch embedding

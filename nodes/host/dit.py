@@ -14,8 +14,8 @@ from typing import Any, Callable
 
 import torch
 
-from ...controlnet_model.config import ControlNetConfig, check_compatible, check_family
-from ...controlnet_model.residuals import ControlMode
+from ...controlnet_model.config import ControlNetConfig, check_family
+from ...controlnet_model.residuals import ControlMode, control_kind
 from ...controlnet_model.dit_control import dit_format_of, needs_vae, spec_of, union_mode_of
 from . import comfy_available
 
@@ -67,8 +67,8 @@ def check_part(controlnet: Any, host_family: str | None, unet_config: ControlNet
             check_family(spec_of(fmt).family, host, f"ControlNet {name}", model_name)
     elif host_family is not None:
         check_family(controlnet.config.family, host_family, f"ControlNet {name}", model_name)
-    elif unet_config is not None:
-        check_compatible(controlnet.config, unet_config, f"ControlNet {name}", model_name)
+    elif unet_config is not None:  # a U-Net control model: its kind's own check (CONTROL_KINDS)
+        control_kind(controlnet).check(controlnet, unet_config, name, model_name)
 
 
 def check_apply(controlnet: Any, vae: Any, union_type: str, name: str, mode: ControlMode = ControlMode.BALANCED) -> None:
